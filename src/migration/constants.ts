@@ -41,9 +41,12 @@ export const Command = {
   POSTCOPY_RUN: 5,
   POSTCOPY_RAM_DISCARD: 6,
   PACKAGED: 7,
-  RECV_BITMAP: 8,
-  ENABLE_COLO: 9,
-  POSTCOPY_RESUME: 10,
+  // Order of enum qemu_vm_cmd in savevm.c: ENABLE_COLO, POSTCOPY_RESUME,
+  // RECV_BITMAP follow PACKAGED; SWITCHOVER_START was added in QEMU 10.0.
+  ENABLE_COLO: 8,
+  POSTCOPY_RESUME: 9,
+  RECV_BITMAP: 10,
+  SWITCHOVER_START: 11,
 } as const;
 
 /** MIG_RP_MSG_* ids of return-path messages, destination to source (migration.c). */
