@@ -58,6 +58,8 @@ export const ReturnPathMessage = {
   REQ_PAGES: 4,
   RECV_BITMAP: 5,
   RESUME_ACK: 6,
+  /** QEMU 8.1 and later only (switchover-ack capability). */
+  SWITCHOVER_ACK: 7,
 } as const;
 
 export const DEFAULT_PAGE_SIZE = 4096;
