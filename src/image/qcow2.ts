@@ -1,0 +1,829 @@
+import { open as openFile } from 'fs/promises';
+import type { FileHandle } from 'fs/promises';
+import { inflateRaw, constants as zlibConstants } from 'zlib';
+import type { ZlibOptions } from 'zlib';
+import { Qcow2Error } from './errors';
+import { MAX_L1_ENTRIES, buildHeader, clearAutoclear, parseHeader, patchHeader } from './header';
+import { RefcountManager, readFully } from './refcount';
+
+export interface Qcow2CreateOptions {
+  virtualSize: number;
+  /** 64 KiB .. 2 MiB, a power of two; default 1 MiB. */
+  clusterSize?: number;
+  /** 1..64, a power of two; default 16. */
+  refcountBits?: number;
+}
+
+export interface Qcow2OpenOptions {
+  writable?: boolean;
+}
+
+export interface Qcow2FlushOptions {
+  /** fsync the file after the metadata is written. */
+  sync?: boolean;
+}
+
+export interface AllocatedRange {
+  offset: number;
+  length: number;
+  allocated: boolean;
+}
+
+const TWO32 = 4294967296;
+const FLAG_COPIED = 0x80000000;
+const FLAG_COMPRESSED = 0x40000000;
+const MIB = 1024 * 1024;
+/**
+ * Clean L2 tables beyond this are evicted; images whose whole L2 set fits are
+ * mapped completely at open so that allocatedRanges() can answer at once.
+ */
+const L2_CACHE_BYTES = 64 * MIB;
+
+function inflateRawAsync(input: Buffer, opts: ZlibOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    inflateRaw(input, opts, (err, out) => (err ? reject(err) : resolve(out)));
+  });
+}
+
+/** Consumes a list of buffers as one byte sequence, handing out subarrays. */
+class BufferCursor {
+  private index = 0;
+  private offset = 0;
+
+  constructor(private readonly buffers: Buffer[]) {}
+
+  take(n: number, into: Buffer[]): void {
+    while (n > 0) {
+      const b = this.buffers[this.index];
+      const avail = b.length - this.offset;
+      if (avail === 0) {
+        this.index++;
+        this.offset = 0;
+        continue;
+      }
+      const k = avail < n ? avail : n;
+      into.push(k === b.length ? b : b.subarray(this.offset, this.offset + k));
+      this.offset += k;
+      n -= k;
+    }
+  }
+}
+
+async function writeSlices(fh: FileHandle, slices: Buffer[], position: number, length: number): Promise<void> {
+  const first =
+    slices.length === 1 ? await fh.write(slices[0], 0, length, position) : await fh.writev(slices, position);
+  let done = first.bytesWritten;
+  // Short writes are rare on regular files; finish slice by slice.
+  let skip = done;
+  for (const s of slices) {
+    if (skip >= s.length) {
+      skip -= s.length;
+      continue;
+    }
+    let at = skip;
+    skip = 0;
+    while (at < s.length) {
+      const { bytesWritten } = await fh.write(s, at, s.length - at, position + done);
+      if (bytesWritten === 0) throw new Error(`short write at host offset ${position + done}`);
+      at += bytesWritten;
+      done += bytesWritten;
+    }
+  }
+}
+
+interface ImageState {
+  path: string;
+  fh: FileHandle;
+  writable: boolean;
+  clusterBits: number;
+  virtualSize: number;
+  header: Buffer;
+  l1: Buffer;
+  l1Size: number;
+  l1Offset: number;
+  refs: RefcountManager;
+  fileSize: number;
+}
+
+/**
+ * A QCOW2 version 3 image: guest reads and writes, and the VM state area
+ * that lies past the virtual disk. All metadata is kept in memory and only
+ * written by flush()/close(); allocation is synchronous, so writes may run
+ * concurrently (positional I/O). Clusters are always appended at the end of
+ * the file and never reused.
+ */
+export class Qcow2Image {
+  readonly path: string;
+  readonly virtualSize: number;
+  readonly clusterSize: number;
+  readonly vmStateOffset: number;
+
+  private readonly fh: FileHandle;
+  private readonly writable: boolean;
+  private readonly clusterBits: number;
+  private readonly l2Entries: number;
+  /** Bits 0..(csizeShift-32-1) of the high word hold the compressed offset. */
+  private readonly csizeShiftHigh: number;
+  private readonly csizeMask: number;
+  private readonly refs: RefcountManager;
+
+  private header: Buffer;
+  private headerWritten: Buffer | null = null;
+  private l1: Buffer;
+  private l1Size: number;
+  private l1Offset: number;
+  private l1Dirty = false;
+  private readonly l2Cache = new Map<number, Buffer>();
+  private readonly l2Dirty = new Set<number>();
+  private readonly l2Loading = new Map<number, Promise<void>>();
+  /** Guest clusters being copied-on-write: other I/O on them waits. */
+  private readonly cow = new Map<number, Promise<void>>();
+  private readonly inflight = new Set<Promise<unknown>>();
+  private inflated: { offset: number; data: Promise<Buffer> } | null = null;
+  private fileSize: number;
+  private closed = false;
+
+  private constructor(s: ImageState) {
+    this.path = s.path;
+    this.fh = s.fh;
+    this.writable = s.writable;
+    this.clusterBits = s.clusterBits;
+    this.clusterSize = 2 ** s.clusterBits;
+    this.l2Entries = this.clusterSize / 8;
+    this.virtualSize = s.virtualSize;
+    const l2Span = this.clusterSize * this.l2Entries;
+    this.vmStateOffset = Math.ceil(s.virtualSize / l2Span) * l2Span;
+    this.csizeShiftHigh = 62 - (s.clusterBits - 8) - 32;
+    this.csizeMask = 2 ** (s.clusterBits - 8) - 1;
+    this.header = s.header;
+    this.l1 = s.l1;
+    this.l1Size = s.l1Size;
+    this.l1Offset = s.l1Offset;
+    this.refs = s.refs;
+    this.fileSize = s.fileSize;
+  }
+
+  static async create(path: string, opts: Qcow2CreateOptions): Promise<Qcow2Image> {
+    const clusterSize = opts.clusterSize ?? MIB;
+    const refcountBits = opts.refcountBits ?? 16;
+    const { virtualSize } = opts;
+    if (!Number.isInteger(clusterSize) || clusterSize < 65536 || clusterSize > 2 * MIB || (clusterSize & (clusterSize - 1)) !== 0) {
+      throw new Qcow2Error(path, `cluster size ${clusterSize} must be a power of two from 64 KiB to 2 MiB`);
+    }
+    if (!Number.isInteger(refcountBits) || refcountBits < 1 || refcountBits > 64 || (refcountBits & (refcountBits - 1)) !== 0) {
+      throw new Qcow2Error(path, `refcount bits ${refcountBits} must be a power of two from 1 to 64`);
+    }
+    if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0 || virtualSize % 512 !== 0) {
+      throw new Qcow2Error(path, `virtual size ${virtualSize} must be a positive multiple of 512`);
+    }
+    const clusterBits = Math.log2(clusterSize);
+    const l1Size = Math.ceil(virtualSize / (clusterSize * (clusterSize / 8)));
+    if (l1Size > MAX_L1_ENTRIES) throw new Qcow2Error(path, `virtual size ${virtualSize} is too large for ${clusterSize}-byte clusters`);
+
+    const fh = await openFile(path, 'w+');
+    try {
+      const refs = RefcountManager.createFresh(path, clusterSize, Math.log2(refcountBits));
+      const l1Clusters = Math.ceil((l1Size * 8) / clusterSize);
+      const l1Offset = refs.allocate(l1Clusters);
+      const img = new Qcow2Image({
+        path,
+        fh,
+        writable: true,
+        clusterBits,
+        virtualSize,
+        header: buildHeader({ clusterBits, virtualSize, refcountOrder: Math.log2(refcountBits) }),
+        l1: Buffer.alloc(l1Clusters * clusterSize),
+        l1Size,
+        l1Offset,
+        refs,
+        fileSize: 0,
+      });
+      img.l1Dirty = true;
+      await img.flush();
+      return img;
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  static async open(path: string, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    const writable = opts.writable === true;
+    const fh = await openFile(path, writable ? 'r+' : 'r');
+    try {
+      const fileSize = (await fh.stat()).size;
+      let head = Buffer.alloc(Math.min(fileSize, 65536));
+      await readFully(fh, head, 0);
+      if (head.length >= 104 && head.readUInt32BE(100) > head.length && fileSize >= head.readUInt32BE(100)) {
+        head = Buffer.alloc(head.readUInt32BE(100));
+        await readFully(fh, head, 0);
+      }
+      const h = parseHeader(path, head, fileSize);
+      if (writable && h.nbSnapshots > 0) {
+        throw new Qcow2Error(path, `image has ${h.nbSnapshots} internal snapshot(s); writing to it is not supported`, 60);
+      }
+      const clusterSize = 2 ** h.clusterBits;
+      const refs = await RefcountManager.load(
+        path, fh, fileSize, clusterSize, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters,
+      );
+      const l1Clusters = Math.ceil((h.l1Size * 8) / clusterSize);
+      const l1 = Buffer.alloc(l1Clusters * clusterSize);
+      if (h.l1Size > 0) await readFully(fh, l1.subarray(0, h.l1Size * 8), h.l1TableOffset);
+      for (let i = 0; i < h.l1Size; i++) {
+        const off = (l1.readUInt32BE(i * 8) & 0x00ffffff) * TWO32 + ((l1.readUInt32BE(i * 8 + 4) & 0xfffffe00) >>> 0);
+        if (off % clusterSize !== 0) {
+          throw new Qcow2Error(path, `L1 entry ${i}: L2 table offset 0x${off.toString(16)} is not cluster aligned`, h.l1TableOffset + i * 8);
+        }
+        if (off !== 0 && off >= fileSize) {
+          throw new Qcow2Error(path, `L1 entry ${i}: L2 table at 0x${off.toString(16)} lies outside the file (${fileSize} bytes)`, h.l1TableOffset + i * 8);
+        }
+      }
+      const header = Buffer.from(head.subarray(0, h.headerLength));
+      const img = new Qcow2Image({
+        path,
+        fh,
+        writable,
+        clusterBits: h.clusterBits,
+        virtualSize: h.virtualSize,
+        header,
+        l1,
+        l1Size: h.l1Size,
+        l1Offset: h.l1TableOffset,
+        refs,
+        fileSize,
+      });
+      img.headerWritten = Buffer.from(header);
+      if (writable && (h.autoclearLow !== 0 || h.autoclearHigh !== 0)) clearAutoclear(img.header);
+      await img.preloadIfSmall();
+      return img;
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  // ---- public I/O -------------------------------------------------------
+
+  read(offset: number, length: number): Promise<Buffer> {
+    this.checkGuestRange('read', offset, length);
+    return this.track(this.readAt(offset, length));
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    this.checkWritable();
+    this.checkGuestRange('write', offset, data.length);
+    return this.track(this.writeAt(offset, [data], data.length));
+  }
+
+  writev(offset: number, buffers: Buffer[]): Promise<void> {
+    this.checkWritable();
+    let length = 0;
+    for (const b of buffers) length += b.length;
+    this.checkGuestRange('write', offset, length);
+    return this.track(this.writeAt(offset, buffers, length));
+  }
+
+  readVmState(offset: number, length: number): Promise<Buffer> {
+    this.checkVmStateRange('read', offset, length);
+    return this.track(this.readAt(this.vmStateOffset + offset, length));
+  }
+
+  writeVmState(offset: number, data: Buffer): Promise<void> {
+    this.checkWritable();
+    this.checkVmStateRange('write', offset, data.length);
+    return this.track(this.writeAt(this.vmStateOffset + offset, [data], data.length));
+  }
+
+  /**
+   * Allocation map of a guest range (VM state offsets work too, as guest
+   * offsets from vmStateOffset on), merged into runs. Zero-flag clusters
+   * count as unallocated. Needs the L2 tables in memory: they are loaded at
+   * open unless the image maps more than 64 MiB of them, see loadMetadata().
+   */
+  allocatedRanges(offset: number, length: number): AllocatedRange[] {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new Qcow2Error(this.path, `allocatedRanges: invalid range offset ${offset} length ${length}`);
+    }
+    const out: AllocatedRange[] = [];
+    const push = (at: number, len: number, allocated: boolean): void => {
+      const last = out[out.length - 1];
+      if (last && last.allocated === allocated) last.length += len;
+      else out.push({ offset: at, length: len, allocated });
+    };
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / l2Span);
+      if (this.l2Offset(l1i) === 0) {
+        const next = Math.min(end, (l1i + 1) * l2Span);
+        push(pos, next - pos, false);
+        pos = next;
+        continue;
+      }
+      const table = this.l2Cache.get(l1i);
+      if (!table) {
+        throw new Qcow2Error(this.path, `allocation map for guest offset ${pos} is not in memory; await loadMetadata() first`);
+      }
+      const tableEnd = Math.min(end, (l1i + 1) * l2Span);
+      while (pos < tableEnd) {
+        const gci = Math.floor(pos / cs);
+        const j = gci - l1i * this.l2Entries;
+        const hi = table.readUInt32BE(j * 8);
+        const lo = table.readUInt32BE(j * 8 + 4);
+        const allocated = (hi & FLAG_COMPRESSED) !== 0 || ((lo & 1) === 0 && ((hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0));
+        const next = Math.min(tableEnd, (gci + 1) * cs);
+        push(pos, next - pos, allocated);
+        pos = next;
+      }
+    }
+    return out;
+  }
+
+  /** Bring the L2 tables of a guest range into memory (the whole active L1 table by default). */
+  async loadMetadata(offset?: number, length?: number): Promise<void> {
+    this.checkOpen();
+    const l2Span = this.clusterSize * this.l2Entries;
+    let first = 0;
+    let last = this.l1Size - 1;
+    if (offset !== undefined) {
+      first = Math.floor(offset / l2Span);
+      last = Math.floor((offset + Math.max(1, length ?? 1) - 1) / l2Span);
+    }
+    const pending = this.loadTables(first, last);
+    if (pending) await pending;
+  }
+
+  /** Host bytes in use: every cluster with a non-zero refcount (data and metadata). */
+  allocatedBytes(): number {
+    return this.refs.usedClusters * this.clusterSize;
+  }
+
+  async flush(opts: Qcow2FlushOptions = {}): Promise<void> {
+    this.checkOpen();
+    if (!this.writable) return;
+    while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
+    const writes: Promise<unknown>[] = [];
+    for (const l1i of this.l2Dirty) {
+      const table = this.l2Cache.get(l1i) as Buffer;
+      writes.push(writeSlices(this.fh, [table], this.l2Offset(l1i), table.length));
+    }
+    this.l2Dirty.clear();
+    writes.push(this.refs.flush(this.fh));
+    if (this.l1Dirty && this.l1Size > 0) {
+      writes.push(writeSlices(this.fh, [this.l1.subarray(0, this.l1Size * 8)], this.l1Offset, this.l1Size * 8));
+    }
+    this.l1Dirty = false;
+    await Promise.all(writes);
+
+    patchHeader(this.header, {
+      l1Size: this.l1Size,
+      l1TableOffset: this.l1Offset,
+      refcountTableOffset: this.refs.tableOffset,
+      refcountTableClusters: this.refs.tableClusters,
+    });
+    if (!this.headerWritten || !this.headerWritten.equals(this.header)) {
+      await writeSlices(this.fh, [this.header], 0, this.header.length);
+      this.headerWritten = Buffer.from(this.header);
+    }
+    // Cover every allocated cluster, so that the file ends where the refcounts say (sparse).
+    const end = this.refs.nextFree * this.clusterSize;
+    if (end > this.fileSize) {
+      await this.fh.truncate(end);
+      this.fileSize = end;
+    }
+    if (opts.sync) await this.fh.sync();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.flush();
+    } finally {
+      this.closed = true;
+      await this.fh.close();
+    }
+  }
+
+  // ---- checks ------------------------------------------------------------
+
+  private checkOpen(): void {
+    if (this.closed) throw new Qcow2Error(this.path, 'image is closed');
+  }
+
+  private checkWritable(): void {
+    this.checkOpen();
+    if (!this.writable) throw new Qcow2Error(this.path, 'image is open read-only');
+  }
+
+  private checkGuestRange(op: string, offset: number, length: number): void {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new Qcow2Error(this.path, `${op} of ${length} bytes at guest offset ${offset} is outside the virtual disk (${this.virtualSize} bytes)`);
+    }
+  }
+
+  private checkVmStateRange(op: string, offset: number, length: number): void {
+    this.checkOpen();
+    const limit = MAX_L1_ENTRIES * this.clusterSize * this.l2Entries - this.vmStateOffset;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > limit) {
+      throw new Qcow2Error(this.path, `VM state ${op} of ${length} bytes at offset ${offset} is out of range`);
+    }
+  }
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.inflight.add(p);
+    const done = (): void => {
+      this.inflight.delete(p);
+    };
+    p.then(done, done);
+    return p;
+  }
+
+  // ---- L1 / L2 ---------------------------------------------------------
+
+  private l2Offset(l1i: number): number {
+    if (l1i >= this.l1Size) return 0;
+    return (this.l1.readUInt32BE(l1i * 8) & 0x00ffffff) * TWO32 + ((this.l1.readUInt32BE(l1i * 8 + 4) & 0xfffffe00) >>> 0);
+  }
+
+  private setL1(l1i: number, hostOffset: number): void {
+    this.l1.writeUInt32BE((FLAG_COPIED | Math.floor(hostOffset / TWO32)) >>> 0, l1i * 8);
+    this.l1.writeUInt32BE(hostOffset % TWO32 >>> 0, l1i * 8 + 4);
+    this.l1Dirty = true;
+  }
+
+  /** Promise for loading the missing L2 tables of L1 range [first, last], or null if all are here. */
+  private loadTables(first: number, last: number): Promise<unknown> | null {
+    let pending: Promise<void>[] | null = null;
+    for (let l1i = first; l1i <= last && l1i < this.l1Size; l1i++) {
+      if (this.l2Cache.has(l1i) || this.l2Offset(l1i) === 0) continue;
+      (pending ??= []).push(this.loadTable(l1i));
+    }
+    return pending ? Promise.all(pending) : null;
+  }
+
+  private loadTable(l1i: number): Promise<void> {
+    const existing = this.l2Loading.get(l1i);
+    if (existing) return existing;
+    const off = this.l2Offset(l1i);
+    const p = (async () => {
+      const table = Buffer.allocUnsafe(this.clusterSize);
+      await readFully(this.fh, table, off);
+      if (!this.l2Cache.has(l1i)) {
+        this.l2Cache.set(l1i, table);
+        this.evictClean();
+      }
+    })();
+    this.l2Loading.set(l1i, p);
+    const done = (): void => {
+      this.l2Loading.delete(l1i);
+    };
+    p.then(done, done);
+    return p;
+  }
+
+  private evictClean(): void {
+    const limit = Math.max(4, Math.floor(L2_CACHE_BYTES / this.clusterSize));
+    if (this.l2Cache.size <= limit) return;
+    for (const key of this.l2Cache.keys()) {
+      if (this.l2Cache.size <= limit) break;
+      if (!this.l2Dirty.has(key)) this.l2Cache.delete(key);
+    }
+  }
+
+  private async preloadIfSmall(): Promise<void> {
+    const offsets: Array<[number, number]> = [];
+    for (let i = 0; i < this.l1Size; i++) {
+      const off = this.l2Offset(i);
+      if (off !== 0) offsets.push([off, i]);
+    }
+    if (offsets.length * this.clusterSize > L2_CACHE_BYTES) return;
+    offsets.sort((a, b) => a[0] - b[0]);
+    // Coalesce tables that sit next to each other on disk into one read.
+    let k = 0;
+    while (k < offsets.length) {
+      let n = 1;
+      while (k + n < offsets.length && offsets[k + n][0] === offsets[k][0] + n * this.clusterSize && n < 64) n++;
+      const buf = Buffer.alloc(n * this.clusterSize);
+      await readFully(this.fh, buf, offsets[k][0]);
+      for (let m = 0; m < n; m++) {
+        this.l2Cache.set(offsets[k + m][1], buf.subarray(m * this.clusterSize, (m + 1) * this.clusterSize));
+      }
+      k += n;
+    }
+  }
+
+  /** Grow the active L1 table so that index `l1i` exists (VM state lies past the disk). */
+  private growL1(l1i: number): void {
+    const size = l1i + 1;
+    if (size * 8 > this.l1.length) {
+      const cs = this.clusterSize;
+      const clusters = Math.ceil((size * 8) / cs);
+      const offset = this.refs.allocate(clusters);
+      const l1 = Buffer.alloc(clusters * cs);
+      this.l1.copy(l1, 0, 0, this.l1Size * 8);
+      const oldClusters = Math.ceil((this.l1Size * 8) / cs);
+      for (let c = 0; c < oldClusters; c++) this.refs.decrement(this.l1Offset / cs + c);
+      this.l1 = l1;
+      this.l1Offset = offset;
+    }
+    this.l1Size = size;
+    this.l1Dirty = true;
+  }
+
+  // ---- cluster entries ---------------------------------------------------
+
+  private compressedOffset(hi: number, lo: number): number {
+    return (hi & (2 ** this.csizeShiftHigh - 1)) * TWO32 + lo;
+  }
+
+  private compressedSectors(hi: number): number {
+    return ((hi >>> this.csizeShiftHigh) & this.csizeMask) + 1;
+  }
+
+  private setL2(table: Buffer, j: number, hostOffset: number): void {
+    table.writeUInt32BE((FLAG_COPIED | Math.floor(hostOffset / TWO32)) >>> 0, j * 8);
+    table.writeUInt32BE(hostOffset % TWO32 >>> 0, j * 8 + 4);
+  }
+
+  /** Host offset of a standard entry, validated. */
+  private standardOffset(hi: number, lo: number, l1i: number, j: number): number {
+    const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+    if (host % this.clusterSize !== 0) {
+      throw new Qcow2Error(this.path, `L2 entry ${j} of table ${l1i}: data cluster offset 0x${host.toString(16)} is not cluster aligned`, this.l2Offset(l1i) + j * 8);
+    }
+    return host;
+  }
+
+  /** Drop the reference an L2 entry held on host clusters. */
+  private releaseEntry(hi: number, lo: number, host: number): void {
+    if ((hi & FLAG_COMPRESSED) !== 0) {
+      const coff = this.compressedOffset(hi, lo);
+      this.refs.releaseRange(coff - (coff % 512), this.compressedSectors(hi) * 512);
+    } else if (host !== 0) {
+      this.refs.decrement(host / this.clusterSize);
+    }
+  }
+
+  private inflate(hi: number, lo: number): Promise<Buffer> {
+    const coff = this.compressedOffset(hi, lo);
+    if (this.inflated && this.inflated.offset === coff) return this.inflated.data;
+    const csize = this.compressedSectors(hi) * 512 - (coff % 512);
+    const data = (async () => {
+      const input = Buffer.alloc(csize);
+      await readFully(this.fh, input, coff);
+      let out: Buffer;
+      try {
+        // Sync flush: a stream may end exactly where the cluster is full, without an end marker.
+        out = await inflateRawAsync(input, { finishFlush: zlibConstants.Z_SYNC_FLUSH });
+      } catch (err) {
+        throw new Qcow2Error(this.path, `compressed cluster does not inflate: ${(err as Error).message}`, coff);
+      }
+      if (out.length < this.clusterSize) {
+        throw new Qcow2Error(this.path, `compressed cluster inflates to ${out.length} bytes, expected ${this.clusterSize}`, coff);
+      }
+      return out.length === this.clusterSize ? out : out.subarray(0, this.clusterSize);
+    })();
+    this.inflated = { offset: coff, data };
+    data.catch(() => {
+      if (this.inflated?.data === data) this.inflated = null;
+    });
+    return data;
+  }
+
+  private cowWaits(firstCluster: number, lastCluster: number): Promise<unknown> | null {
+    if (this.cow.size === 0) return null;
+    let waits: Promise<void>[] | null = null;
+    for (const [gci, p] of this.cow) {
+      if (gci >= firstCluster && gci <= lastCluster) (waits ??= []).push(p);
+    }
+    return waits ? Promise.allSettled(waits) : null;
+  }
+
+  // ---- read path ---------------------------------------------------------
+
+  private async readAt(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(length);
+    if (length === 0) return out;
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const firstC = Math.floor(offset / cs);
+    const lastC = Math.floor((offset + length - 1) / cs);
+    for (;;) {
+      const loads = this.loadTables(Math.floor(offset / l2Span), Math.floor((offset + length - 1) / l2Span));
+      if (loads) await loads;
+      const waits = this.cowWaits(firstC, lastC);
+      if (waits) await waits;
+      const tasks = this.planRead(offset, length, out);
+      if (tasks) {
+        if (tasks.length > 0) await Promise.all(tasks);
+        return out;
+      }
+    }
+  }
+
+  /** Map a guest range to host reads into `out`; null if an L2 table went missing meanwhile. */
+  private planRead(offset: number, length: number, out: Buffer): Promise<void>[] | null {
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const end = offset + length;
+    for (let l1i = Math.floor(offset / l2Span); l1i <= Math.floor((end - 1) / l2Span); l1i++) {
+      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return null;
+    }
+    const tasks: Promise<void>[] = [];
+    let runHost = -1;
+    let runOut = 0;
+    let runLen = 0;
+    const endRun = (): void => {
+      if (runLen > 0) tasks.push(this.readRun(out, runOut, runLen, runHost));
+      runLen = 0;
+    };
+    let pos = offset;
+    while (pos < end) {
+      const gci = Math.floor(pos / cs);
+      const inCluster = pos - gci * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const at = pos - offset;
+      const l1i = Math.floor(gci / this.l2Entries);
+      const table = this.l2Offset(l1i) === 0 ? undefined : this.l2Cache.get(l1i);
+      pos += n;
+      if (!table) {
+        endRun();
+        out.fill(0, at, at + n);
+        continue;
+      }
+      const j = gci - l1i * this.l2Entries;
+      const hi = table.readUInt32BE(j * 8);
+      const lo = table.readUInt32BE(j * 8 + 4);
+      if ((hi & FLAG_COMPRESSED) !== 0) {
+        endRun();
+        tasks.push(this.inflate(hi, lo).then((data) => void data.copy(out, at, inCluster, inCluster + n)));
+        continue;
+      }
+      const host = this.standardOffset(hi, lo, l1i, j);
+      if ((lo & 1) !== 0 || host === 0) {
+        endRun();
+        out.fill(0, at, at + n);
+        continue;
+      }
+      if (runLen > 0 && runHost + runLen === host + inCluster) {
+        runLen += n;
+      } else {
+        endRun();
+        runHost = host + inCluster;
+        runOut = at;
+        runLen = n;
+      }
+    }
+    endRun();
+    return tasks;
+  }
+
+  private async readRun(out: Buffer, at: number, length: number, host: number): Promise<void> {
+    // Past the end of the file (clusters allocated but not written yet) reads as zeros.
+    await readFully(this.fh, out.subarray(at, at + length), host);
+  }
+
+  // ---- write path --------------------------------------------------------
+
+  private async writeAt(offset: number, buffers: Buffer[], length: number): Promise<void> {
+    if (length === 0) return;
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const firstC = Math.floor(offset / cs);
+    const lastC = Math.floor((offset + length - 1) / cs);
+    for (;;) {
+      const loads = this.loadTables(Math.floor(offset / l2Span), Math.floor((offset + length - 1) / l2Span));
+      if (loads) await loads;
+      const waits = this.cowWaits(firstC, lastC);
+      if (waits) await waits;
+      const tasks = this.planWrite(offset, buffers, length);
+      if (tasks) {
+        await Promise.all(tasks);
+        return;
+      }
+    }
+  }
+
+  /**
+   * Decide, synchronously, where every byte of the write goes: allocate new
+   * clusters, update L2 entries, and start the host writes. Contiguous host
+   * ranges become one positional (v)write. Null if an L2 table is missing.
+   */
+  private planWrite(offset: number, buffers: Buffer[], length: number): Promise<void>[] | null {
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const end = offset + length;
+    const lastL1 = Math.floor((end - 1) / l2Span);
+    for (let l1i = Math.floor(offset / l2Span); l1i <= lastL1; l1i++) {
+      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return null;
+    }
+    if (lastL1 >= this.l1Size) this.growL1(lastL1);
+
+    const cursor = new BufferCursor(buffers);
+    const tasks: Promise<void>[] = [];
+    let runHost = -1;
+    let runLen = 0;
+    let runSlices: Buffer[] = [];
+    const endRun = (): void => {
+      if (runLen > 0) tasks.push(writeSlices(this.fh, runSlices, runHost, runLen));
+      runLen = 0;
+      runSlices = [];
+    };
+    let pos = offset;
+    while (pos < end) {
+      const gci = Math.floor(pos / cs);
+      const inCluster = pos - gci * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const l1i = Math.floor(gci / this.l2Entries);
+      const j = gci - l1i * this.l2Entries;
+      const table = this.tableForWrite(l1i);
+      const hi = table.readUInt32BE(j * 8);
+      const lo = table.readUInt32BE(j * 8 + 4);
+      const compressed = (hi & FLAG_COMPRESSED) !== 0;
+      const host = compressed ? 0 : this.standardOffset(hi, lo, l1i, j);
+      let target: number;
+      if (!compressed && host !== 0 && (lo & 1) === 0 && (hi & FLAG_COPIED) !== 0) {
+        target = host;
+      } else if (!compressed && host === 0 && (lo & 1) === 0) {
+        target = this.refs.allocate(1);
+        this.setL2(table, j, target);
+        this.l2Dirty.add(l1i);
+      } else if ((lo & 1) !== 0 || (inCluster === 0 && n === cs)) {
+        // Zero cluster or fully overwritten: a fresh cluster is a hole, zeros already.
+        target = this.refs.allocate(1);
+        this.releaseEntry(hi, lo, host);
+        this.setL2(table, j, target);
+        this.l2Dirty.add(l1i);
+      } else {
+        // Partial write over compressed or shared data: copy the old content first.
+        endRun();
+        const slices: Buffer[] = [];
+        cursor.take(n, slices);
+        tasks.push(this.copyOnWrite(gci, table, l1i, j, hi, lo, host, inCluster, slices));
+        pos += n;
+        continue;
+      }
+      const dest = target + inCluster;
+      if (runLen === 0 || runHost + runLen !== dest) {
+        endRun();
+        runHost = dest;
+      }
+      cursor.take(n, runSlices);
+      runLen += n;
+      pos += n;
+    }
+    endRun();
+    return tasks;
+  }
+
+  private tableForWrite(l1i: number): Buffer {
+    const off = this.l2Offset(l1i);
+    if (off === 0) {
+      const table = Buffer.alloc(this.clusterSize);
+      this.setL1(l1i, this.refs.allocate(1));
+      this.l2Cache.set(l1i, table);
+      this.l2Dirty.add(l1i);
+      return table;
+    }
+    if ((this.l1.readUInt32BE(l1i * 8) & FLAG_COPIED) === 0) {
+      throw new Qcow2Error(this.path, `L2 table ${l1i} is shared (no COPIED flag); writing to it is not supported`, this.l1Offset + l1i * 8);
+    }
+    return this.l2Cache.get(l1i) as Buffer;
+  }
+
+  private copyOnWrite(
+    gci: number, table: Buffer, l1i: number, j: number, hi: number, lo: number, host: number, inCluster: number, slices: Buffer[],
+  ): Promise<void> {
+    const target = this.refs.allocate(1);
+    // Pin the table in the cache until the entry is switched over.
+    this.l2Dirty.add(l1i);
+    const p = (async () => {
+      let content: Buffer;
+      if ((hi & FLAG_COMPRESSED) !== 0) {
+        content = Buffer.from(await this.inflate(hi, lo));
+      } else {
+        content = Buffer.alloc(this.clusterSize);
+        await readFully(this.fh, content, host);
+      }
+      let at = inCluster;
+      for (const s of slices) {
+        s.copy(content, at);
+        at += s.length;
+      }
+      await writeSlices(this.fh, [content], target, content.length);
+      this.releaseEntry(hi, lo, host);
+      this.setL2(table, j, target);
+      this.l2Dirty.add(l1i);
+    })();
+    this.cow.set(gci, p);
+    const done = (): void => {
+      if (this.cow.get(gci) === p) this.cow.delete(gci);
+    };
+    p.then(done, done);
+    return p;
+  }
+}
