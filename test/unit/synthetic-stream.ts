@@ -135,3 +135,128 @@ export function prng(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+// ---- real QEMU streams (for identity tests and the benchmark) ----
+
+import { spawn, spawnSync } from 'child_process';
+import * as net from 'net';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+export function haveQemu(): boolean {
+  return spawnSync('qemu-system-x86_64', ['--version']).status === 0;
+}
+
+/** A minimal QMP client: one command at a time, events skipped. */
+class Qmp {
+  private buf = '';
+  private waiters: Array<(msg: Record<string, unknown>) => void> = [];
+  private constructor(private readonly sock: net.Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      let nl: number;
+      while ((nl = this.buf.indexOf('\n')) >= 0) {
+        const line = this.buf.slice(0, nl).trim();
+        this.buf = this.buf.slice(nl + 1);
+        if (!line) continue;
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if ('event' in msg) continue;
+        const w = this.waiters.shift();
+        if (w) w(msg);
+      }
+    });
+  }
+
+  static async connect(sockPath: string, timeoutMs = 10000): Promise<Qmp> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const sock = await new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect(sockPath, () => resolve(s));
+          s.once('error', reject);
+        });
+        const qmp = new Qmp(sock);
+        await qmp.next(); // greeting
+        await qmp.cmd('qmp_capabilities');
+        return qmp;
+      } catch (err) {
+        if (Date.now() > until) throw err;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+
+  private next(): Promise<Record<string, unknown>> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  async cmd(execute: string, args?: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const reply = this.next();
+    this.sock.write(JSON.stringify(args ? { execute, arguments: args } : { execute }) + '\n');
+    const msg = await reply;
+    if ('error' in msg) throw new Error(`QMP ${execute}: ${JSON.stringify(msg.error)}`);
+    return (msg.return ?? {}) as Record<string, unknown>;
+  }
+
+  close(): void { this.sock.destroy(); }
+}
+
+export interface CaptureOptions {
+  memMiB: number;
+  /** File loaded raw into guest RAM at `patternAddr` (default 16 MiB). */
+  patternFile?: string;
+  patternAddr?: number;
+  /** Migration capabilities to enable on the source (e.g. 'x-ignore-shared'). */
+  capabilities?: string[];
+}
+
+export interface CaptureResult {
+  /** Data pages and zero pages sent, from the source's query-migrate. */
+  normal: number;
+  duplicate: number;
+  seconds: number;
+}
+
+/** Runs a paused KVM VM and migrates it into `outFile` through `exec:cat`. */
+export async function captureQemuStream(outFile: string, opts: CaptureOptions): Promise<CaptureResult> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qsnap-qmp-'));
+  const sockPath = path.join(dir, 'qmp.sock');
+  const args = ['-machine', 'pc,accel=kvm:tcg', '-m', String(opts.memMiB), '-display', 'none', '-S',
+    '-qmp', `unix:${sockPath},server=on,wait=off`];
+  if (opts.patternFile) {
+    args.push('-device', `loader,file=${opts.patternFile},addr=0x${(opts.patternAddr ?? 0x1000000).toString(16)},force-raw=on`);
+  }
+  const vm = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  vm.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const exited = new Promise<void>((resolve) => vm.once('exit', () => resolve()));
+  let qmp: Qmp | null = null;
+  try {
+    qmp = await Qmp.connect(sockPath);
+    await qmp.cmd('migrate-set-parameters', { 'max-bandwidth': 100000000000 });
+    if (opts.capabilities?.length) {
+      await qmp.cmd('migrate-set-capabilities', { capabilities: opts.capabilities.map((c) => ({ capability: c, state: true })) });
+    }
+    const t0 = process.hrtime.bigint();
+    await qmp.cmd('migrate', { uri: `exec:cat > ${outFile}` });
+    for (;;) {
+      const info = await qmp.cmd('query-migrate');
+      if (info.status === 'completed') {
+        const ram = info.ram as { normal: number; duplicate: number };
+        return { normal: ram.normal, duplicate: ram.duplicate, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
+      }
+      if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${String(info.status)}: ${JSON.stringify(info)}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${stderr}`);
+  } finally {
+    if (qmp) { try { await qmp.cmd('quit'); } catch { /* it may be gone */ } qmp.close(); }
+    const timer = setTimeout(() => vm.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
