@@ -1,0 +1,257 @@
+#!/usr/bin/env node
+// qemu-snap: save a QEMU VM's migration stream into a QCOW2 snapshot image,
+// restore it, describe it. A thin layer over the library: argument parsing,
+// exit codes (0 ok, 1 runtime failure, 2 usage), progress and one-line errors.
+import minimist from 'minimist';
+import { QemuSnapError } from '../src/errors';
+import { UsageError, parseSize } from '../src/util/size';
+import { ProgressLine } from '../src/util/progress';
+import { saveSnapshot } from '../src/snapshot/save';
+import { describeFile, formatInfo } from '../src/snapshot/info';
+import { loadSnapshot } from '../src/snapshot/load';
+
+const USAGE = `usage:
+  qemu-snap save [options] IMAGE     migration stream on stdin → snapshot IMAGE
+      -i, --input FILE        read the stream from FILE instead of stdin
+      -S, --page-size SIZE    page size when the stream does not say (default 4096)
+      --cluster-size SIZE     QCOW2 cluster size, 64K..2M (default 1M)
+      --max-in-flight N       block writes outstanding (default 8)
+      -f, --force             replace an existing IMAGE
+  qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
+      -o, --output FILE       write the stream to FILE instead of stdout
+      -S, --page-size SIZE    refuse an image whose page size differs
+      --max-in-flight N       block reads outstanding (default 8)
+      --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
+                              on demand (the destination needs the postcopy-ram capability)
+  qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
+common options:
+  --progress / --no-progress  progress on stderr (default: when stderr is a terminal)
+  -q, --quiet                 no messages but errors
+  -h, --help                  this text`;
+
+interface CommonFlags {
+  quiet: boolean;
+  progress: boolean;
+}
+
+function fail(message: string): never {
+  throw new UsageError(message);
+}
+
+function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; alias?: Record<string, string> }) {
+  const known = new Set<string>();
+  for (const k of [...(spec.string ?? []), ...(spec.boolean ?? []), 'progress', 'quiet', 'help']) known.add(k);
+  for (const [k, v] of Object.entries({ ...(spec.alias ?? {}), q: 'quiet', h: 'help' })) {
+    known.add(k);
+    known.add(v);
+  }
+  const args = minimist(argv, {
+    string: spec.string ?? [],
+    boolean: [...(spec.boolean ?? []), 'progress', 'quiet', 'help'],
+    alias: { ...(spec.alias ?? {}), q: 'quiet', h: 'help' },
+    default: { progress: undefined },
+    unknown: (arg: string) => {
+      if (arg.startsWith('-') && arg !== '-') {
+        const name = arg.replace(/^--?(no-)?/, '').replace(/=.*$/, '');
+        if (!known.has(name)) fail(`unknown option ${arg}`);
+      }
+      return true;
+    },
+  });
+  const common: CommonFlags = {
+    quiet: args.quiet === true,
+    progress: args.progress === undefined ? process.stderr.isTTY === true : args.progress === true,
+  };
+  if (common.quiet) common.progress = false;
+  return { args, common };
+}
+
+function oneString(v: unknown, what: string): string | undefined {
+  if (v === undefined) return undefined;
+  if (Array.isArray(v)) fail(`${what} given more than once`);
+  if (typeof v !== 'string' || v === '') fail(`${what} needs a value`);
+  return v;
+}
+
+function positiveInt(v: unknown, what: string): number | undefined {
+  const s = oneString(v, what);
+  if (s === undefined) return undefined;
+  if (!/^\d+$/.test(s) || Number(s) < 1 || Number(s) > 1024) fail(`${what}: '${s}' is not a whole number from 1 to 1024`);
+  return Number(s);
+}
+
+function onePositional(args: minimist.ParsedArgs, what: string): string {
+  const rest = args._.map(String);
+  if (rest.length === 0) fail(`missing ${what}`);
+  if (rest.length > 1) fail(`unexpected argument '${rest[1]}'`);
+  return rest[0];
+}
+
+/** SIGINT/SIGTERM/SIGPIPE abort the work: cleanup runs, then exit 1. */
+function abortOnSignals(): AbortController {
+  const ac = new AbortController();
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGPIPE', 'SIGHUP'] as const) {
+    process.on(sig, () => ac.abort(sig));
+  }
+  return ac;
+}
+
+async function cmdSave(argv: string[]): Promise<void> {
+  const { args, common } = parse(argv, {
+    string: ['input', 'page-size', 'cluster-size', 'max-in-flight'],
+    boolean: ['force'],
+    alias: { i: 'input', S: 'page-size', f: 'force' },
+  });
+  if (args.help) return void process.stdout.write(USAGE + '\n');
+  const image = onePositional(args, 'IMAGE (the snapshot file to write)');
+  const pageSizeArg = oneString(args['page-size'], '--page-size');
+  const clusterArg = oneString(args['cluster-size'], '--cluster-size');
+  const pageSize = pageSizeArg === undefined ? undefined : parseSize(pageSizeArg, '--page-size');
+  const clusterSize = clusterArg === undefined ? undefined : parseSize(clusterArg, '--cluster-size');
+  if (clusterSize !== undefined && (clusterSize < 65536 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) !== 0)) {
+    fail(`--cluster-size: ${clusterArg} is not a power of two from 64K to 2M`);
+  }
+  if (pageSize !== undefined && (pageSize < 512 || pageSize > 65536 || (pageSize & (pageSize - 1)) !== 0)) {
+    fail(`--page-size: ${pageSizeArg} is not a power of two from 512 to 64K`);
+  }
+  const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const inputPath = oneString(args.input, '--input');
+  const input = inputPath === undefined || inputPath === '-' ? process.stdin : (await import('node:fs')).createReadStream(inputPath, { highWaterMark: 1 << 20 });
+  const progress = new ProgressLine(common.progress);
+  const ac = abortOnSignals();
+  try {
+    const r = await saveSnapshot(input, image, {
+      pageSize,
+      clusterSize,
+      maxInFlight,
+      force: args.force === true,
+      returnPath: process.stdout,
+      signal: ac.signal,
+      onProgress: (bytes, pages) => progress.update(bytes, pages),
+    });
+    progress.done(r.streamBytes, r.pageRecords);
+    if (!common.quiet) {
+      process.stderr.write(`qemu-snap: saved ${r.imagePath}: ${r.dataPages} data pages, ${r.blocks.length} RAM blocks, ${r.deviceStateLength} bytes of device state\n`);
+    }
+  } catch (err) {
+    progress.clear();
+    throw err;
+  }
+}
+
+async function cmdLoad(argv: string[]): Promise<void> {
+  const { args, common } = parse(argv, {
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
+    alias: { o: 'output', S: 'page-size' },
+  });
+  if (args.help) return void process.stdout.write(USAGE + '\n');
+  const image = onePositional(args, 'IMAGE (the snapshot to load)');
+  const pageSizeArg = oneString(args['page-size'], '--page-size');
+  const pageSize = pageSizeArg === undefined ? undefined : parseSize(pageSizeArg, '--page-size');
+  const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const pctArg = oneString(args.postcopy, '--postcopy');
+  let postcopy: number | undefined;
+  if (pctArg !== undefined) {
+    if (!/^\d+(\.\d+)?$/.test(pctArg) || Number(pctArg) > 100) fail(`--postcopy: '${pctArg}' is not a percentage from 0 to 100`);
+    postcopy = Number(pctArg);
+  }
+  const outputPath = oneString(args.output, '--output');
+  const progress = new ProgressLine(common.progress);
+  const ac = abortOnSignals();
+  try {
+    const r = await loadSnapshot(image, {
+      output: outputPath,
+      pageSize,
+      maxInFlight,
+      postcopy,
+      returnPath: postcopy === undefined ? undefined : process.stdin,
+      signal: ac.signal,
+      onProgress: (bytes, pages) => progress.update(bytes, pages),
+    });
+    progress.done(r.streamBytes, r.dataPagesSent);
+    if (!common.quiet && outputPath !== undefined) process.stderr.write(`qemu-snap: wrote ${r.streamBytes} bytes of stream to ${outputPath}\n`);
+  } catch (err) {
+    progress.clear();
+    throw err;
+  }
+}
+
+async function cmdInfo(argv: string[]): Promise<void> {
+  const { args } = parse(argv, { boolean: ['json'] });
+  if (args.help) return void process.stdout.write(USAGE + '\n');
+  const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
+  const info = await describeFile(file);
+  process.stdout.write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case 'save':
+        await cmdSave(rest);
+        break;
+      case 'load':
+        await cmdLoad(rest);
+        break;
+      case 'info':
+        await cmdInfo(rest);
+        break;
+      case '-h':
+      case '--help':
+      case 'help':
+        process.stdout.write(USAGE + '\n');
+        return 0;
+      case undefined:
+        fail('missing command (save, load, info)');
+        break;
+      default:
+        fail(`unknown command '${cmd}'`);
+    }
+    return 0;
+  } catch (err) {
+    return report(err);
+  }
+}
+
+function report(err: unknown): number {
+  if (err instanceof UsageError) {
+    process.stderr.write(`qemu-snap: ${err.message}\n${'try: qemu-snap --help'}\n`);
+    return 2;
+  }
+  if (err instanceof QemuSnapError) {
+    process.stderr.write(`qemu-snap: ${err.message}\n`);
+    return 1;
+  }
+  const e = err as NodeJS.ErrnoException;
+  if (e && typeof e.code === 'string') {
+    // System errors: name the file and the reason, no stack.
+    const where = e.path ? `${e.path}: ` : '';
+    process.stderr.write(`qemu-snap: ${where}${e.code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : e.message.replace(/^\w+: /, '')}\n`);
+    return 1;
+  }
+  process.stderr.write(`qemu-snap: internal error: ${e?.message ?? String(err)}\n`);
+  if (process.env.QEMU_SNAP_DEBUG) process.stderr.write(`${e?.stack ?? ''}\n`);
+  return 1;
+}
+
+process.stdout.on('error', (err) => {
+  // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
+  process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
+  process.exit(1);
+});
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+    // stdin may still be open (a return path); nothing more is owed to it.
+    flushAndExit(code);
+  },
+  (err) => flushAndExit(report(err)),
+);
+
+function flushAndExit(code: number): void {
+  const done = () => process.exit(code);
+  if (process.stdout.writableLength > 0) process.stdout.once('drain', done);
+  else setImmediate(done);
+}

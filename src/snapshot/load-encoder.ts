@@ -1,0 +1,162 @@
+// Block reads of a snapshot image → the RAM part of a migration stream.
+//
+// Joins the image side (disk offsets, holes) and the stream side (blocks,
+// page addresses, records): every page of every block goes out exactly once,
+// data pages as PAGE, all-zero pages and holes as ZERO, in PART sections of
+// bounded size. Postcopy adds a switch point (after a share of the data
+// pages) and prompt flushing of demand-paged ranges.
+import { Transform } from 'streamx';
+import type { BlockRead } from '../blockio';
+import { RamRecordWriter, RamBlockName, ramBlockName } from '../migration/ram-writer';
+import type { RamBlockLayout } from './layout';
+
+/** A section is closed after this many bytes so the destination makes progress. */
+const SECTION_LIMIT = 8 << 20;
+
+export interface LoadEncoderOptions {
+  blocks: RamBlockLayout[];
+  pageSize: number;
+  ramSectionId: number;
+  /** Bytes before the first page (the leader, and postcopy commands). */
+  prefix: Buffer[];
+  /** Bytes after the last page (device state, or EOF in postcopy). */
+  suffix: () => Buffer[];
+  /**
+   * Called before a range is encoded; returns bytes to emit first (postcopy
+   * switch). The encoder closes its open section before emitting them.
+   */
+  interject?: () => Buffer[] | null;
+  /** Flush output after every range (postcopy: requested pages must not wait in a chunk). */
+  flushEachRange?: () => boolean;
+  /** Called after an urgent range went into the output. */
+  onUrgentSent?: (read: BlockRead) => void;
+}
+
+interface BlockState {
+  layout: RamBlockLayout;
+  name: RamBlockName;
+  /** One bit per page: set once the page went out. */
+  sent: Uint8Array;
+  pages: number;
+}
+
+export class LoadEncoder extends Transform {
+  private readonly writer: RamRecordWriter;
+  private readonly blocks: BlockState[];
+  private readonly pageSize: number;
+  private readonly zeroPage: Buffer;
+  private started = false;
+  dataPagesSent = 0;
+  zeroPagesSent = 0;
+  bytesOut = 0;
+
+  constructor(private readonly opts: LoadEncoderOptions) {
+    super({
+      highWaterMark: 1 << 20,
+      byteLengthWritable: (r: unknown) => (r as BlockRead).data?.length ?? 64,
+      byteLengthReadable: (b: unknown) => (b as Buffer).length,
+    });
+    this.pageSize = opts.pageSize;
+    this.zeroPage = Buffer.alloc(opts.pageSize);
+    this.writer = new RamRecordWriter(opts.ramSectionId, opts.pageSize, (chunk) => {
+      this.bytesOut += chunk.length;
+      this.push(chunk);
+    });
+    this.blocks = opts.blocks.map((layout) => {
+      const pages = Math.ceil(layout.length / opts.pageSize);
+      return { layout, name: ramBlockName(layout.id), sent: new Uint8Array(Math.ceil(pages / 8)), pages };
+    });
+  }
+
+  /** Ranges of pages of block `index` that have not gone out, as [firstPage, pageCount]. */
+  unsentRuns(index: number): Array<[number, number]> {
+    const st = this.blocks[index];
+    const runs: Array<[number, number]> = [];
+    let start = -1;
+    for (let p = 0; p < st.pages; p++) {
+      const sent = (st.sent[p >>> 3] & (1 << (p & 7))) !== 0;
+      if (!sent && start < 0) start = p;
+      else if (sent && start >= 0) {
+        runs.push([start, p - start]);
+        start = -1;
+      }
+    }
+    if (start >= 0) runs.push([start, st.pages - start]);
+    return runs;
+  }
+
+  isSent(index: number, page: number): boolean {
+    const st = this.blocks[index];
+    return (st.sent[page >>> 3] & (1 << (page & 7))) !== 0;
+  }
+
+  override _transform(read: BlockRead, cb: (err: Error | null, out?: unknown) => void): void {
+    try {
+      this.start();
+      const extra = this.opts.interject?.();
+      if (extra) this.emitRaw(extra);
+      this.encodeRange(read);
+      if (this.writer.sectionBytes >= SECTION_LIMIT) this.writer.endSection();
+      if (read.urgent || this.opts.flushEachRange?.()) {
+        this.writer.endSection();
+        this.writer.flush();
+      }
+      if (read.urgent) this.opts.onUrgentSent?.(read);
+      cb(null);
+    } catch (err) {
+      cb(err as Error);
+    }
+  }
+
+  override _flush(cb: (err: Error | null) => void): void {
+    try {
+      this.start();
+      const extra = this.opts.interject?.();
+      if (extra) this.emitRaw(extra);
+      this.writer.endRam();
+      for (const b of this.opts.suffix()) this.writer.raw(b);
+      this.writer.flush();
+      cb(null);
+    } catch (err) {
+      cb(err as Error);
+    }
+  }
+
+  private start(): void {
+    if (this.started) return;
+    this.started = true;
+    for (const b of this.opts.prefix) this.writer.raw(b);
+  }
+
+  private emitRaw(bufs: Buffer[]): void {
+    this.writer.endSection();
+    for (const b of bufs) this.writer.raw(b);
+    this.writer.flush();
+  }
+
+  private encodeRange(read: BlockRead): void {
+    const st = this.blocks[read.tag ?? -1];
+    if (!st) throw new RangeError(`block read at disk offset ${read.offset} carries no block index`);
+    const ps = this.pageSize;
+    const base = st.layout.offset;
+    const data = read.data;
+    const zero = this.zeroPage;
+    let page = (read.offset - base) / ps;
+    const end = page + read.length / ps;
+    for (let i = 0; page < end; page++, i += ps) {
+      const bit = 1 << (page & 7);
+      const byte = page >>> 3;
+      if ((st.sent[byte] & bit) !== 0) continue;
+      st.sent[byte] |= bit;
+      this.writer.beginSection();
+      const address = page * ps;
+      if (data === null || data.compare(zero, 0, ps, i, i + ps) === 0) {
+        this.writer.zero(st.name, address);
+        this.zeroPagesSent++;
+      } else {
+        this.writer.page(st.name, address, data, i);
+        this.dataPagesSent++;
+      }
+    }
+  }
+}

@@ -1,0 +1,266 @@
+// The load pipeline: snapshot image → migration stream for an incoming QEMU.
+//
+//   Qcow2Image ─▶ OrderedBlockReader ─▶ LoadEncoder ─▶ output (stdout)
+//   return path (stdin) ─▶ ReturnPathParser ─▶ page requests ─▶ reader.urgent()
+//
+// Everything that can be checked (header, leader, offsets, page size) is
+// checked before the first byte goes out.
+import { createWriteStream } from 'node:fs';
+import { Writable } from 'streamx';
+import { pumpAsync } from '../util/pump';
+import { OrderedBlockReader, ReadPlanEntry } from '../blockio';
+import { ReturnPathParser, ReturnPathMsg } from '../migration/return-path';
+import {
+  encodeOpenReturnPath,
+  encodePing,
+  encodePostcopyAdvise,
+  encodePostcopyListen,
+  encodePostcopyRun,
+  encodeRamDiscard,
+  encodePackaged,
+} from '../migration/postcopy';
+import { Token } from '../migration/constants';
+import { QemuSnapError } from '../errors';
+import { InputGate } from './input-gate';
+import { LoadEncoder } from './load-encoder';
+import { openSnapshot, SnapshotContents } from './snapshot-image';
+
+export class LoadError extends QemuSnapError {}
+
+export interface LoadOptions {
+  /** Write the stream to this file instead of `stdout`. */
+  output?: string;
+  /** Where the stream goes when no output file is named (default process.stdout). */
+  stdout?: NodeJS.WritableStream;
+  /** Refuse an image whose page size differs. */
+  pageSize?: number;
+  maxInFlight?: number;
+  /** Largest read, in bytes (default 1 MiB). */
+  readSize?: number;
+  /** Postcopy: switch after this percentage of the data pages. */
+  postcopy?: number;
+  /** The destination's return path (stdin under exec:); required for postcopy. */
+  returnPath?: NodeJS.ReadableStream;
+  signal?: AbortSignal;
+  onProgress?(bytes: number, pages: number): void;
+  /** Postcopy milestones, for benchmarks. */
+  onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
+}
+
+export interface LoadResult {
+  streamBytes: number;
+  dataPagesSent: number;
+  zeroPagesSent: number;
+  /** Postcopy only: page requests served, with their latency (request → pages handed to the pipe). */
+  requests?: { count: number; latenciesMs: number[] };
+}
+
+const HOLE_PIECE = 16 << 20;
+
+/** The background plan: every page of every block, data ranges read in pieces, holes not read. */
+function* buildPlan(snap: SnapshotContents, readSize: number): Generator<ReadPlanEntry> {
+  const ps = snap.header.pageSize;
+  for (let i = 0; i < snap.blocks.length; i++) {
+    const b = snap.blocks[i];
+    const len = Math.ceil(b.length / ps) * ps;
+    if (len === 0) continue;
+    for (const run of snap.image.allocatedRanges(b.offset, len)) {
+      const piece = run.allocated ? readSize : HOLE_PIECE;
+      for (let o = run.offset; o < run.offset + run.length; o += piece) {
+        yield { offset: o, length: Math.min(piece, run.offset + run.length - o), hole: !run.allocated, tag: i };
+      }
+    }
+  }
+}
+
+export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): Promise<LoadResult> {
+  const snap = await openSnapshot(imagePath);
+  try {
+    const ps = snap.header.pageSize;
+    if (opts.pageSize !== undefined && opts.pageSize !== ps) {
+      throw new LoadError(`${imagePath}: the image has ${ps}-byte pages, ${opts.pageSize} were asked for`);
+    }
+    const postcopy = opts.postcopy !== undefined;
+    if (postcopy && !opts.returnPath) throw new LoadError('postcopy needs the destination return path on stdin');
+    return await run(snap, opts);
+  } finally {
+    await snap.image.close().catch(() => undefined);
+  }
+}
+
+async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResult> {
+  const ps = snap.header.pageSize;
+  const readSize = opts.readSize ?? 1 << 20;
+  const postcopy = opts.postcopy !== undefined;
+  const maxInFlight = opts.maxInFlight ?? 8;
+  const reader = new OrderedBlockReader(
+    { read: (offset: number, length: number) => snap.image.read(offset, length) },
+    buildPlan(snap, readSize),
+    { maxInFlight, highWaterMark: postcopy ? 256 << 10 : 4 << 20 },
+  );
+
+  const started = Date.now();
+  let switched = false;
+  const thresholdPages = postcopy ? Math.ceil((snap.header.dataPages * (opts.postcopy ?? 0)) / 100) : Infinity;
+
+  // Precopy: leader, RAM, device state (with its EOF and VMDESCRIPTION).
+  // Postcopy: the leader with OPEN_RETURN_PATH, PING and ADVISE before the
+  // ram section, RAM until the threshold, the switch, the rest of RAM, EOF.
+  const prefix = postcopy
+    ? [
+        snap.leader.subarray(0, snap.header.ramSectionOffset),
+        encodeOpenReturnPath(),
+        encodePing(1),
+        encodePostcopyAdvise(ps, ps),
+        snap.leader.subarray(snap.header.ramSectionOffset),
+      ]
+    : [snap.leader];
+
+  // Urgent range offset → when its request arrived, for request latencies.
+  const requested = new Map<number, bigint>();
+  const latencies: number[] = [];
+  const encoder: LoadEncoder = new LoadEncoder({
+    blocks: snap.blocks,
+    pageSize: ps,
+    ramSectionId: snap.ramSection.sectionId,
+    prefix,
+    suffix: () => (postcopy ? [Buffer.from([Token.EOF])] : [snap.deviceState]),
+    interject: () => {
+      if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
+      switched = true;
+      opts.onEvent?.('switch', Date.now() - started);
+      // The backlog of background reads delays requested pages: keep it short.
+      reader.setMaxInFlight(Math.min(2, maxInFlight));
+      return switchCommands(snap, encoder);
+    },
+    flushEachRange: () => switched,
+    onUrgentSent: (read) => {
+      const t0 = requested.get(read.offset);
+      if (t0 === undefined) return;
+      requested.delete(read.offset);
+      latencies.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    },
+  });
+
+  const out: NodeJS.WritableStream = opts.output ? createWriteStream(opts.output) : opts.stdout ?? process.stdout;
+  let shutStatus: number | null = null;
+  let returnPathDone: Promise<void> = Promise.resolve();
+  let rpGate: InputGate | null = null;
+
+  if (postcopy && opts.returnPath) {
+    rpGate = new InputGate(opts.returnPath);
+    const blocksByName = new Map(snap.blocks.map((b, i) => [b.id, i] as const));
+    const parser = new ReturnPathParser({ blocks: new Map(snap.blocks.map((b) => [b.id, b.length] as const)), pageSize: ps });
+    const sink = new Writable({
+      write(data: unknown, cb: (err: Error | null) => void) {
+        const msg = data as ReturnPathMsg;
+        if (msg.type === 'shut') shutStatus = msg.status;
+        else if (msg.type === 'req-pages') {
+          const index = blocksByName.get(msg.block);
+          if (index !== undefined) requestPages(snap, reader, encoder, index, msg.offset, msg.length, requested);
+        }
+        cb(null);
+      },
+    });
+    returnPathDone = pumpAsync(rpGate, parser, sink);
+    // A return path that ends or breaks before SHUT ends the load at once.
+    returnPathDone.then(
+      () => {
+        if (shutStatus === null) reader.destroy(new LoadError('the destination closed its return path before the migration ended'));
+      },
+      (err: Error) => reader.destroy(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
+    );
+  }
+
+  const onAbort = () => reader.destroy(new LoadError(`load interrupted (${String(opts.signal?.reason ?? 'aborted')})`));
+  if (opts.signal?.aborted) onAbort();
+  opts.signal?.addEventListener('abort', onAbort);
+  const progress = setInterval(() => opts.onProgress?.(encoder.bytesOut, encoder.dataPagesSent), 200);
+
+  try {
+    await pumpAsync(reader, encoder, out).catch((err: Error) => {
+      if (postcopy && !switched && isPipeGone(err)) {
+        throw new LoadError(
+          'the destination closed the stream after POSTCOPY_ADVISE: it needs the postcopy-ram capability (start it with -incoming defer, then migrate-set-capabilities postcopy-ram on, then migrate-incoming)',
+        );
+      }
+      throw err;
+    });
+    if (postcopy) {
+      opts.onEvent?.('eof', Date.now() - started);
+      await waitForShut(() => shutStatus, returnPathDone, opts.signal);
+      opts.onEvent?.('shut', Date.now() - started);
+      if (shutStatus !== 0) throw new LoadError(`the destination reported a failed migration (SHUT status ${shutStatus})`);
+    }
+    return {
+      streamBytes: encoder.bytesOut,
+      dataPagesSent: encoder.dataPagesSent,
+      zeroPagesSent: encoder.zeroPagesSent,
+      requests: postcopy ? { count: latencies.length, latenciesMs: latencies } : undefined,
+    };
+  } finally {
+    clearInterval(progress);
+    opts.signal?.removeEventListener('abort', onAbort);
+    rpGate?.destroy();
+  }
+}
+
+function isPipeGone(err: Error): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'EPIPE' || code === 'ECONNRESET' || /premature close/i.test(err.message);
+}
+
+/** Discards for every page not yet sent, then LISTEN + device state + RUN in one package. */
+function switchCommands(snap: SnapshotContents, encoder: LoadEncoder): Buffer[] {
+  const ps = snap.header.pageSize;
+  const out: Buffer[] = [];
+  for (let i = 0; i < snap.blocks.length; i++) {
+    const runs = encoder.unsentRuns(i).map(([first, count]) => ({ start: first * ps, length: count * ps }));
+    if (runs.length > 0) out.push(...encodeRamDiscard(snap.blocks[i].id, runs));
+  }
+  out.push(...encodePackaged([encodePostcopyListen(), snap.deviceSections, encodePostcopyRun()]));
+  return out;
+}
+
+/** Queues the unsent pages of a request on the reader's urgent lane. */
+function requestPages(
+  snap: SnapshotContents,
+  reader: OrderedBlockReader,
+  encoder: LoadEncoder,
+  index: number,
+  offset: number,
+  length: number,
+  requested: Map<number, bigint>,
+): void {
+  const ps = snap.header.pageSize;
+  const block = snap.blocks[index];
+  const t0 = process.hrtime.bigint();
+  let first = Math.floor(offset / ps);
+  const end = Math.ceil((offset + length) / ps);
+  while (first < end && encoder.isSent(index, first)) first++;
+  let last = end;
+  while (last > first && encoder.isSent(index, last - 1)) last--;
+  if (first >= last) return;
+  for (const run of snap.image.allocatedRanges(block.offset + first * ps, (last - first) * ps)) {
+    if (!requested.has(run.offset)) requested.set(run.offset, t0);
+    reader.urgent({ offset: run.offset, length: run.length, hole: !run.allocated, tag: index });
+  }
+}
+
+function waitForShut(status: () => number | null, done: Promise<void>, signal?: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const check = setInterval(() => {
+      if (status() !== null) finish();
+      else if (signal?.aborted) finish(new LoadError('load interrupted while waiting for the destination'));
+    }, 10);
+    const finish = (err?: Error) => {
+      clearInterval(check);
+      if (err) reject(err);
+      else resolve();
+    };
+    done.then(
+      () => (status() !== null ? finish() : finish(new LoadError('the destination closed its return path without SHUT'))),
+      (err: Error) => finish(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
+    );
+  });
+}

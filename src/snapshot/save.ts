@@ -1,0 +1,172 @@
+// The save pipeline: migration stream bytes → snapshot image, atomically.
+//
+//   input ─▶ MigrationFramer ─▶ SnapshotWriter ─▶ OrderedBlockWriter ─▶ Qcow2Image
+//
+// The image is built in a temporary file beside the target and linked into
+// place only after the stream ended cleanly, the metadata is flushed and the
+// file is fsynced. On any failure the temporary file is removed.
+import { promises as fsp, constants as fsc } from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { pumpAsync } from '../util/pump';
+import { OrderedBlockWriter, BlockWriteTarget } from '../blockio';
+import { Qcow2Image } from '../image';
+import { MigrationFramer } from '../migration/framer';
+import { Command } from '../migration/constants';
+import { encodePong, encodeShut } from '../migration/return-path';
+import { QemuSnapError } from '../errors';
+import { InputGate } from './input-gate';
+import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
+import { encodeSnapshotHeader, RamBlockLayout } from './layout';
+
+export class SaveTargetError extends QemuSnapError {}
+
+export interface SaveOptions {
+  clusterSize?: number;
+  /** Page size when the stream does not say (default 4096). */
+  pageSize?: number;
+  maxInFlight?: number;
+  /** Replace an existing image. */
+  force?: boolean;
+  /**
+   * Where return-path messages go (our stdout when run by QEMU's exec:).
+   * Without it, a source that opens a return path is never answered.
+   */
+  returnPath?: NodeJS.WritableStream;
+  /** How long the input must be quiet, with a complete tail, before a return-path source is deemed done. */
+  quietMs?: number;
+  onProgress?(bytes: number, pages: number): void;
+  /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
+  signal?: AbortSignal;
+}
+
+export class SaveAbortedError extends QemuSnapError {}
+
+export interface SaveResult extends SnapshotSummary {
+  imagePath: string;
+  streamBytes: number;
+}
+
+/** Writes blocks below the virtual size to the disk, the rest to the VM state area. */
+class ImageBlockTarget implements BlockWriteTarget {
+  image: Qcow2Image | null = null;
+
+  writev(offset: number, buffers: Buffer[]): Promise<void> {
+    const image = this.image;
+    if (!image) return Promise.reject(new SaveTargetError('block write before the image exists'));
+    if (offset >= image.vmStateOffset) {
+      const data = buffers.length === 1 ? buffers[0] : Buffer.concat(buffers);
+      return image.writeVmState(offset - image.vmStateOffset, data);
+    }
+    return image.writev(offset, buffers);
+  }
+}
+
+export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: string, opts: SaveOptions = {}): Promise<SaveResult> {
+  const target = path.resolve(imagePath);
+  if (!opts.force && (await exists(target))) {
+    throw new SaveTargetError(`${imagePath}: already exists (use --force to replace it)`);
+  }
+  const dir = path.dirname(target);
+  const tmpPath = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
+  const blockTarget = new ImageBlockTarget();
+  let tmpCreated = false;
+
+  const gate = new InputGate(input);
+  const framer = new MigrationFramer({ pageSize: opts.pageSize });
+  let returnPathOpen = false;
+  const writer = new SnapshotWriter({
+    pageSize: opts.pageSize,
+    prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
+      tmpCreated = true;
+      blockTarget.image = await Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
+      return blockTarget.image.vmStateOffset;
+    },
+    onCommand: (command, payload) => {
+      if (command === Command.OPEN_RETURN_PATH) returnPathOpen = true;
+      if (command === Command.PING && returnPathOpen && opts.returnPath) {
+        opts.returnPath.write(encodePong(payload.length >= 4 ? payload.readUInt32BE(0) : 0));
+      }
+    },
+  });
+  const ring = new OrderedBlockWriter(blockTarget, { maxInFlight: opts.maxInFlight });
+
+  // A source with a return path waits for SHUT before it closes the pipe:
+  // end the input ourselves once what arrived is a complete stream and
+  // nothing more came for a while.
+  const quietMs = opts.quietMs ?? 300;
+  const watch = setInterval(() => {
+    opts.onProgress?.(gate.bytes, writer.summary().pageRecords);
+    if (returnPathOpen && Date.now() - gate.lastDataAt >= quietMs && framer.tailComplete()) gate.finish();
+  }, 50);
+
+  const onAbort = () => gate.destroy(new SaveAbortedError(`save interrupted (${String(opts.signal?.reason ?? 'aborted')}) after ${gate.bytes} bytes of stream`));
+  if (opts.signal?.aborted) onAbort();
+  opts.signal?.addEventListener('abort', onAbort);
+
+  let ok = false;
+  try {
+    await pumpAsync(gate, framer, writer, ring);
+    const image = blockTarget.image;
+    if (!image) throw new SaveTargetError('stream ended before its RAM block list');
+    const summary = writer.summary();
+    await image.writeVmState(
+      0,
+      encodeSnapshotHeader({
+        pageSize: summary.pageSize,
+        dataPages: summary.dataPages,
+        ramSectionOffset: summary.ramSectionOffset,
+        leaderLength: summary.leaderLength,
+        stateLength: summary.leaderLength + summary.deviceStateLength,
+      }),
+    );
+    await image.flush({ sync: true });
+    await image.close();
+    blockTarget.image = null;
+    await publish(tmpPath, target, opts.force === true);
+    ok = true;
+    if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(0));
+    return { ...summary, imagePath: target, streamBytes: gate.bytes };
+  } finally {
+    clearInterval(watch);
+    opts.signal?.removeEventListener('abort', onAbort);
+    if (!ok) {
+      gate.destroy();
+      if (blockTarget.image) await blockTarget.image.close().catch(() => undefined);
+      if (tmpCreated) await fsp.unlink(tmpPath).catch(() => undefined);
+      if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(1));
+    }
+  }
+}
+
+/** Moves the finished file into place; without force, never over an image that appeared meanwhile. */
+async function publish(tmpPath: string, target: string, force: boolean): Promise<void> {
+  if (force) {
+    await fsp.rename(tmpPath, target);
+  } else {
+    try {
+      await fsp.link(tmpPath, target);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new SaveTargetError(`${target}: already exists (another save finished first; use --force to replace it)`);
+      }
+      throw err;
+    }
+    await fsp.unlink(tmpPath);
+  }
+  const dirHandle = await fsp.open(path.dirname(target), fsc.O_RDONLY);
+  try {
+    await dirHandle.sync();
+  } finally {
+    await dirHandle.close();
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await fsp.lstat(p);
+    return true;
+  } catch {
+    return false;
+  }
+}

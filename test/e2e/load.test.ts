@@ -1,0 +1,115 @@
+// Issue 5 against real QEMU: save a VM through exec:qemu-snap save, restore
+// it with -incoming "exec:qemu-snap load IMAGE", compare guest memory.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { startVm, makePattern, requireQemu, shellQuote, compareFiles, Machine } from './lib';
+import { runCli, snapExec, tempDir, isOneLineError } from './common';
+
+const MEM_MIB = 512;
+const dir = tempDir('load');
+const pattern = path.join(dir, 'pattern.bin');
+
+test.before(() => {
+  requireQemu();
+  makePattern(pattern, 128 << 20, 23);
+});
+test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+async function roundTrip(machine: Machine, paused: boolean): Promise<void> {
+  const tag = `${machine}-${paused ? 'paused' : 'running'}`;
+  const image = path.join(dir, `${tag}.qcow2`);
+  const srcDump = path.join(dir, `${tag}.src.mem`);
+  const dstDump = path.join(dir, `${tag}.dst.mem`);
+  const src = await startVm({ machine, memMiB: MEM_MIB, paused, loads: [{ file: pattern, addr: 128 << 20 }], name: `${tag}-src` });
+  try {
+    await src.migrate(snapExec(`save -q ${shellQuote(image)}`));
+    await src.pmemsave(srcDump, MEM_MIB << 20);
+  } finally {
+    await src.stop();
+  }
+  const dst = await startVm({ machine, memMiB: MEM_MIB, paused: false, incoming: snapExec(`load -q ${shellQuote(image)}`), name: `${tag}-dst` });
+  try {
+    const done = await dst.waitForMigrationStatus('completed', 60_000);
+    assert.is(done.status, 'completed');
+    const status = await dst.queryStatus();
+    // A paused source restores paused; a running one runs again.
+    if (paused) assert.is.not(status.status, 'running', JSON.stringify(status));
+    else assert.is(status.status, 'running', JSON.stringify(status));
+    await dst.pmemsave(dstDump, MEM_MIB << 20);
+  } finally {
+    await dst.stop();
+  }
+  assert.is(compareFiles(srcDump, dstDump), -1, 'destination memory equals the source');
+  for (const f of [image, srcDump, dstDump]) fs.unlinkSync(f);
+}
+
+test('pc, paused: restored memory is byte-identical', () => roundTrip('pc', true));
+test('q35, paused', () => roundTrip('q35', true));
+test('pc, running: the VM runs after restore', () => roundTrip('pc', false));
+
+test('load --output writes the same stream a destination accepts; info reads it', async () => {
+  const image = path.join(dir, 'out.qcow2');
+  const stream = path.join(dir, 'out.stream');
+  const vm = await startVm({ machine: 'pc', memMiB: 128, loads: [{ file: pattern, addr: 16 << 20 }] });
+  let normal = 0;
+  try {
+    normal = (await vm.migrate(snapExec(`save -q ${shellQuote(image)}`))).ram?.normal ?? -1;
+  } finally {
+    await vm.stop();
+  }
+  const r = await runCli(['load', '-q', '--output', stream, image]);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout.length, 0, 'nothing on stdout with --output');
+  const info = JSON.parse((await runCli(['info', '--json', stream])).stdout.toString());
+  assert.is(info.pages.normal, normal, 'every data page once');
+  const snap = JSON.parse((await runCli(['info', '--json', image])).stdout.toString());
+  const totalPages = snap.ramBlocks.reduce((n: number, b: { length: number }) => n + Math.ceil(b.length / 4096), 0);
+  assert.is(info.pages.normal + info.pages.zero, totalPages, 'every page exactly once');
+});
+
+test('bad images: exit 1, one line, nothing on stdout', async () => {
+  const notQcow = path.join(dir, 'not.qcow2');
+  fs.writeFileSync(notQcow, Buffer.alloc(4096, 0x41));
+  const plain = path.join(dir, 'plain.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', plain, '64M']);
+  const missing = path.join(dir, 'missing.qcow2');
+  for (const img of [notQcow, plain, missing]) {
+    const r = await runCli(['load', img]);
+    assert.is(r.code, 1, `${img}: ${r.stderr}`);
+    assert.is(r.stdout.length, 0, 'nothing reaches stdout');
+    assert.ok(isOneLineError(r.stderr), r.stderr);
+  }
+  const image = path.join(dir, 'ps.qcow2');
+  const vm = await startVm({ machine: 'pc', memMiB: 64 });
+  try {
+    await vm.migrate(snapExec(`save -q ${shellQuote(image)}`));
+  } finally {
+    await vm.stop();
+  }
+  const wrongPs = await runCli(['load', '-S', '64K', image]);
+  assert.is(wrongPs.code, 1);
+  assert.is(wrongPs.stdout.length, 0);
+  assert.match(wrongPs.stderr, /page/);
+  const usage = await runCli(['load', '--bogus', image]);
+  assert.is(usage.code, 2);
+});
+
+test('a destination that closes the pipe: exit 1 with a clear line', async () => {
+  const image = path.join(dir, 'epipe.qcow2');
+  const vm = await startVm({ machine: 'pc', memMiB: 256, loads: [{ file: pattern, addr: 16 << 20 }] });
+  try {
+    await vm.migrate(snapExec(`save -q ${shellQuote(image)}`));
+  } finally {
+    await vm.stop();
+  }
+  const out = execFileSync('bash', ['-c', `${shellQuote(process.execPath)} ${shellQuote(path.resolve(__dirname, '..', '..', 'cli', 'qemu-snap.js'))} load -q ${shellQuote(image)} 2>${shellQuote(path.join(dir, 'err.txt'))} | head -c 100000 > /dev/null; echo "\${PIPESTATUS[0]}"`], { encoding: 'utf8' });
+  assert.is(out.trim(), '1');
+  const err = fs.readFileSync(path.join(dir, 'err.txt'), 'utf8');
+  assert.ok(isOneLineError(err), err);
+  assert.match(err, /pipe/i);
+});
+
+test.run();
