@@ -1,5 +1,10 @@
 // Builds small synthetic QEMU migration streams (version 3) for tests, byte
 // by byte, independently of the encoder under test.
+import { spawn, spawnSync } from 'child_process';
+import * as net from 'net';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import { Readable, Writable } from 'streamx';
 import { MigrationFramer, MigrationFramerOptions } from '../../src/migration/framer';
 import type { MigrationRecord } from '../../src/migration/records';
@@ -138,11 +143,6 @@ export function prng(seed: number): () => number {
 
 // ---- real QEMU streams (for identity tests and the benchmark) ----
 
-import { spawn, spawnSync } from 'child_process';
-import * as net from 'net';
-import * as fs from 'fs';
-import * as os from 'os';
-import * as path from 'path';
 
 export function haveQemu(): boolean {
   return spawnSync('qemu-system-x86_64', ['--version']).status === 0;
