@@ -190,7 +190,12 @@ export class RefcountManager {
   private blockFor(bi: number): Buffer {
     let block = this.blocks.get(bi);
     if (block) return block;
-    if (bi >= this.table.length / 8) this.growTable(bi + 1);
+    if (bi >= this.table.length / 8) {
+      this.growTable(bi + 1);
+      // Counting the new table's clusters may already have created this very block.
+      block = this.blocks.get(bi);
+      if (block) return block;
+    }
     // Register the block before counting it: its own refcount may live in it.
     const bc = this.nextFree++;
     block = Buffer.alloc(this.clusterSize);
