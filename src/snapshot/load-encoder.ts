@@ -19,6 +19,8 @@ export interface LoadEncoderOptions {
   ramSectionId: number;
   /** Bytes before the first page (the leader, and postcopy commands). */
   prefix: Buffer[];
+  /** Awaited after the prefix went out, before the first page (postcopy: ADVISE accepted). */
+  beforeFirstRange?: () => Promise<void>;
   /** Bytes after the last page (device state, or EOF in postcopy). */
   suffix: () => Buffer[];
   /**
@@ -91,8 +93,19 @@ export class LoadEncoder extends Transform {
   }
 
   override _transform(read: BlockRead, cb: (err: Error | null, out?: unknown) => void): void {
-    try {
+    if (!this.started) {
       this.start();
+      this.writer.flush();
+      const gate = this.opts.beforeFirstRange?.();
+      if (gate) {
+        gate.then(
+          () => this._transform(read, cb),
+          (err: Error) => cb(err),
+        );
+        return;
+      }
+    }
+    try {
       const extra = this.opts.interject?.();
       if (extra) this.emitRaw(extra);
       this.encodeRange(read);

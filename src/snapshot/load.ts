@@ -56,6 +56,10 @@ export interface LoadResult {
 }
 
 const HOLE_PIECE = 16 << 20;
+const ADVISE_PING = 1;
+const PONG_TIMEOUT_MS = 30_000;
+const NO_POSTCOPY_RAM =
+  'the destination rejected POSTCOPY_ADVISE (it closed the stream): enable the postcopy-ram capability on it (-incoming defer, migrate-set-capabilities postcopy-ram on, then migrate-incoming)';
 
 /** The background plan: every page of every block, data ranges read in pieces, holes not read. */
 function* buildPlan(snap: SnapshotContents, readSize: number): Generator<ReadPlanEntry> {
@@ -104,34 +108,43 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   const thresholdPages = postcopy ? Math.ceil((snap.header.dataPages * (opts.postcopy ?? 0)) / 100) : Infinity;
 
   // Precopy: leader, RAM, device state (with its EOF and VMDESCRIPTION).
-  // Postcopy: the leader with OPEN_RETURN_PATH, PING and ADVISE before the
-  // ram section, RAM until the threshold, the switch, the rest of RAM, EOF.
-  const prefix = postcopy
-    ? [
-        snap.leader.subarray(0, snap.header.ramSectionOffset),
-        encodeOpenReturnPath(),
-        encodePing(1),
-        encodePostcopyAdvise(ps, ps),
-        snap.leader.subarray(snap.header.ramSectionOffset),
-      ]
-    : [snap.leader];
+  // Postcopy: the leader with OPEN_RETURN_PATH, ADVISE and a PING, RAM until
+  // the threshold, the switch, the rest of RAM, EOF.
+  let prefix: Buffer[] = [snap.leader];
+  if (postcopy) {
+    // ADVISE tells the destination to read the per-block page sizes a
+    // postcopy source adds to MEM_SIZE: put it before the ram section only
+    // when the saved block list carries them (docs/postcopy-protocol.md).
+    const split = snap.streamBlocks.some((b) => b.pageSize !== undefined) ? snap.header.ramSectionOffset : snap.leader.length;
+    prefix = [snap.leader.subarray(0, split), encodeOpenReturnPath(), encodePostcopyAdvise(ps, ps), encodePing(ADVISE_PING), snap.leader.subarray(split)];
+  }
+  // After a switch with nothing left to page in, QEMU 7.2 cannot take LISTEN
+  // without a discard: finish such a load as precopy instead.
+  let finishAsPrecopy = !postcopy;
 
   // Urgent range offset → when its request arrived, for request latencies.
   const requested = new Map<number, bigint>();
   const latencies: number[] = [];
+  let adviseAccepted: Promise<void> = Promise.resolve();
   const encoder: LoadEncoder = new LoadEncoder({
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,
     prefix,
-    suffix: () => (postcopy ? [Buffer.from([Token.EOF])] : [snap.deviceState]),
+    beforeFirstRange: () => adviseAccepted,
+    suffix: () => (finishAsPrecopy ? [snap.deviceState] : [Buffer.from([Token.EOF])]),
     interject: () => {
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
       switched = true;
       opts.onEvent?.('switch', Date.now() - started);
+      const discards = discardCommands(snap, encoder);
+      if (discards.length === 0) {
+        finishAsPrecopy = true;
+        return null;
+      }
       // The backlog of background reads delays requested pages: keep it short.
       reader.setMaxInFlight(Math.min(2, maxInFlight));
-      return switchCommands(snap, encoder);
+      return [...discards, ...encodePackaged([encodePostcopyListen(), snap.deviceSections, encodePostcopyRun()])];
     },
     flushEachRange: () => switched,
     onUrgentSent: (read) => {
@@ -146,6 +159,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   let shutStatus: number | null = null;
   let returnPathDone: Promise<void> = Promise.resolve();
   let rpGate: InputGate | null = null;
+  let onPong: (() => void) | null = null;
 
   if (postcopy && opts.returnPath) {
     rpGate = new InputGate(opts.returnPath);
@@ -155,6 +169,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       write(data: unknown, cb: (err: Error | null) => void) {
         const msg = data as ReturnPathMsg;
         if (msg.type === 'shut') shutStatus = msg.status;
+        else if (msg.type === 'pong' && msg.value === ADVISE_PING) onPong?.();
         else if (msg.type === 'req-pages') {
           const index = blocksByName.get(msg.block);
           if (index !== undefined) requestPages(snap, reader, encoder, index, msg.offset, msg.length, requested);
@@ -163,10 +178,27 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       },
     });
     returnPathDone = pumpAsync(rpGate, parser, sink);
+    // No RAM goes out before the destination answers the PING that follows
+    // ADVISE: one without postcopy-ram exits on ADVISE without a word.
+    adviseAccepted = new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new LoadError(`no answer from the destination within ${PONG_TIMEOUT_MS / 1000} s after POSTCOPY_ADVISE: is stdin its return path?`)), PONG_TIMEOUT_MS);
+      onPong = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      returnPathDone.then(
+        () => {
+          clearTimeout(timer);
+          reject(new LoadError(NO_POSTCOPY_RAM));
+        },
+        () => clearTimeout(timer),
+      );
+    });
+    adviseAccepted.catch(() => undefined);
     // A return path that ends or breaks before SHUT ends the load at once.
     returnPathDone.then(
       () => {
-        if (shutStatus === null) reader.destroy(new LoadError('the destination closed its return path before the migration ended'));
+        if (shutStatus === null) reader.destroy(new LoadError(switched ? 'the destination closed its return path before the migration ended' : NO_POSTCOPY_RAM));
       },
       (err: Error) => reader.destroy(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
     );
@@ -180,9 +212,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   try {
     await pumpAsync(reader, encoder, out).catch((err: Error) => {
       if (postcopy && !switched && isPipeGone(err)) {
-        throw new LoadError(
-          'the destination closed the stream after POSTCOPY_ADVISE: it needs the postcopy-ram capability (start it with -incoming defer, then migrate-set-capabilities postcopy-ram on, then migrate-incoming)',
-        );
+        throw new LoadError(NO_POSTCOPY_RAM);
       }
       throw err;
     });
@@ -210,15 +240,14 @@ function isPipeGone(err: Error): boolean {
   return code === 'EPIPE' || code === 'ECONNRESET' || /premature close/i.test(err.message);
 }
 
-/** Discards for every page not yet sent, then LISTEN + device state + RUN in one package. */
-function switchCommands(snap: SnapshotContents, encoder: LoadEncoder): Buffer[] {
+/** A discard for every page not yet sent: the destination must fault on them. */
+function discardCommands(snap: SnapshotContents, encoder: LoadEncoder): Buffer[] {
   const ps = snap.header.pageSize;
   const out: Buffer[] = [];
   for (let i = 0; i < snap.blocks.length; i++) {
     const runs = encoder.unsentRuns(i).map(([first, count]) => ({ start: first * ps, length: count * ps }));
     if (runs.length > 0) out.push(...encodeRamDiscard(snap.blocks[i].id, runs));
   }
-  out.push(...encodePackaged([encodePostcopyListen(), snap.deviceSections, encodePostcopyRun()]));
   return out;
 }
 

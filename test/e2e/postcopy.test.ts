@@ -27,16 +27,20 @@ test.before(async () => {
 });
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-async function restorePostcopy(image: string, pct: number, expectDump: string, expectRunning: boolean): Promise<void> {
-  const dst = await startVm({ machine: 'pc', memMiB: MEM_MIB, paused: false, incoming: 'defer', name: `postcopy-${pct}` });
+// The destination starts with -S: POSTCOPY_RUN starts an autostart VM at
+// once, and a guest that runs changes its memory before the dump.
+async function restorePostcopy(image: string, pct: number, expectDump: string, expectPostcopy: boolean, thenRun = false): Promise<void> {
+  const dst = await startVm({ machine: 'pc', memMiB: MEM_MIB, paused: true, incoming: 'defer', name: `postcopy-${pct}` });
   const dump = path.join(dir, `dst-${pct}.mem`);
   try {
     await dst.migrateIncoming(snapExec(`load -q --postcopy ${pct} ${shellQuote(image)}`), { 'postcopy-ram': true });
     await dst.waitForMigrationStatus('completed', 120_000);
-    assert.ok(dst.migrationStatusSeen.has('postcopy-active'), `statuses seen: ${[...dst.migrationStatusSeen.keys()].join(', ')}`);
-    const status = await dst.queryStatus();
-    if (expectRunning) assert.is(status.status, 'running');
+    if (expectPostcopy) assert.ok(dst.migrationStatusSeen.has('postcopy-active'), `statuses seen: ${[...dst.migrationStatusSeen.keys()].join(', ')}`);
     await dst.pmemsave(dump, MEM_MIB << 20);
+    if (thenRun) {
+      await dst.cont();
+      assert.is((await dst.queryStatus()).status, 'running');
+    }
   } finally {
     await dst.stop();
   }
@@ -44,8 +48,10 @@ async function restorePostcopy(image: string, pct: number, expectDump: string, e
   fs.unlinkSync(dump);
 }
 
-test('--postcopy 10 from a paused source', () => restorePostcopy(pausedImage, 10, pausedDump, false));
-test('--postcopy 0', () => restorePostcopy(pausedImage, 0, pausedDump, false));
+test('--postcopy 10 from a paused source', () => restorePostcopy(pausedImage, 10, pausedDump, true));
+test('--postcopy 0', () => restorePostcopy(pausedImage, 0, pausedDump, true));
+// With every data page sent before the switch, there may be nothing left to
+// page in; QEMU 7.2 then cannot take LISTEN, and the load ends as precopy.
 test('--postcopy 100', () => restorePostcopy(pausedImage, 100, pausedDump, false));
 
 test('--postcopy 10 from a running source: the VM runs after', async () => {
@@ -58,7 +64,7 @@ test('--postcopy 10 from a running source: the VM runs after', async () => {
   } finally {
     await src.stop();
   }
-  await restorePostcopy(image, 10, dump, true);
+  await restorePostcopy(image, 10, dump, true, true);
 });
 
 test('a destination without postcopy-ram: exit 1 saying so, no hang', async () => {
