@@ -9,8 +9,7 @@ const CHUNK = 4 << 20;
  * Call it repeatedly for consecutive bytes of the same pattern.
  */
 export function patternStream(seed: number): (out: Buffer) => Buffer {
-  const key = crypto.createHash('sha256').update(`qemu-snap-pattern:${seed}`).digest().subarray(0, 16);
-  const cipher = crypto.createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
+  const cipher = patternCipher(seed);
   let zeros = Buffer.alloc(0);
   return (out: Buffer) => {
     if (zeros.length < out.length) zeros = Buffer.alloc(out.length);
@@ -20,6 +19,11 @@ export function patternStream(seed: number): (out: Buffer) => Buffer {
   };
 }
 
+function patternCipher(seed: number): crypto.Cipher {
+  const key = crypto.createHash('sha256').update(`qemu-snap-pattern:${seed}`).digest().subarray(0, 16);
+  return crypto.createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
+}
+
 /** The first `size` bytes of pattern `seed`, in memory (for small patterns). */
 export function patternBytes(size: number, seed: number): Buffer {
   return patternStream(seed)(Buffer.allocUnsafe(size));
@@ -27,13 +31,14 @@ export function patternBytes(size: number, seed: number): Buffer {
 
 /** Write `size` bytes of pattern `seed` to `file` (replacing it). */
 export function makePattern(file: string, size: number, seed: number): void {
-  const next = patternStream(seed);
-  const buf = Buffer.allocUnsafe(Math.min(CHUNK, size));
+  const cipher = patternCipher(seed);
+  const zeros = Buffer.alloc(Math.min(CHUNK, size));
   const fd = fs.openSync(file, 'w');
   try {
     for (let done = 0; done < size; ) {
-      const n = Math.min(buf.length, size - done);
-      const chunk = next(buf.subarray(0, n));
+      const n = Math.min(zeros.length, size - done);
+      // cipher.update allocates its output anyway: write it as is rather than copy.
+      const chunk = cipher.update(zeros.subarray(0, n));
       let off = 0;
       while (off < n) off += fs.writeSync(fd, chunk, off, n - off);
       done += n;
