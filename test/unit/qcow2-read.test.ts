@@ -158,22 +158,38 @@ test('512-byte clusters, 64-bit refcounts: refcount table grows and the L1 table
   await re.close();
 });
 
-test('lazy L2 loading: reads and writes work on tables not yet in memory', async () => {
+test('lazy L2 loading and eviction: 40 tables of 2 MiB (more than the 64 MiB cache) on a 20 TiB disk', async () => {
   const path = tmp.file('lazy.qcow2');
-  mustRun('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=64k', path, '1T']);
-  // One L2 table per 512 MiB: touch several.
+  const span = 512 * 1024 * MiB; // one 2 MiB L2 table maps 512 GiB
+  mustRun('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=2M', path, '20T']);
   const cmds: string[] = [];
-  for (let i = 0; i < 8; i++) cmds.push(`write -P ${0x10 + i} ${i * 512 + 3}M 64k`);
+  for (let i = 0; i < 40; i++) cmds.push(`write -P ${0x10 + i} ${i * span + 3 * MiB} 4k`);
   qemuIo(path, cmds);
   const img = await Qcow2Image.open(path, { writable: true });
-  for (let i = 0; i < 8; i++) {
-    const got = await img.read((i * 512 + 3) * MiB, 64 * KiB);
-    assert.ok(got.equals(Buffer.alloc(64 * KiB, 0x10 + i)), `table ${i}`);
+  // Not preloaded: the map of table 39 is not in memory yet.
+  assert.throws(() => img.allocatedRanges(39 * span, MiB), /not in memory; await loadMetadata/);
+  for (const i of [0, 39, 5, 20, 39, 0]) {
+    const got = await img.read(i * span + 3 * MiB, 4096);
+    assert.ok(got.equals(Buffer.alloc(4096, 0x10 + i)), `table ${i}`);
   }
-  await img.write(5 * 512 * MiB + 3 * MiB + 100, Buffer.alloc(10, 0xee));
+  // Concurrent reads and writes over all tables, more than the cache holds.
+  const ops: Array<Promise<unknown>> = [];
+  for (let i = 0; i < 40; i++) {
+    ops.push(img.read(i * span + 3 * MiB, 4096).then((b) => assert.is(b[0], 0x10 + i)));
+    ops.push(img.write(i * span + 3 * MiB + 100, Buffer.alloc(10, 0xe0 + (i % 16))));
+  }
+  await Promise.all(ops);
+  await img.loadMetadata(7 * span, span);
+  assert.equal(img.allocatedRanges(7 * span, 8 * MiB), [
+    { offset: 7 * span, length: 2 * MiB, allocated: false },
+    { offset: 7 * span + 2 * MiB, length: 2 * MiB, allocated: true },
+    { offset: 7 * span + 4 * MiB, length: 4 * MiB, allocated: false },
+  ]);
   await img.close();
   assertClean(path);
-  mustRun('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -P 0x15 ${5 * 512 + 3}M 100`, '-c', `read -P 0xee ${(5 * 512 + 3) * MiB + 100} 10`, path]);
+  for (const i of [0, 17, 39]) {
+    mustRun('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -P ${0x10 + i} ${i * span + 3 * MiB} 100`, '-c', `read -P ${0xe0 + (i % 16)} ${i * span + 3 * MiB + 100} 10`, path]);
+  }
 });
 
 test.run();
