@@ -614,7 +614,13 @@ export class Qcow2Image {
     const lastL1 = Math.floor((offset + length - 1) / l2Span);
     // Fast path (tables cached, no copy-on-write around): no extra awaits per request.
     if (this.cow.size === 0 && !this.loadTables(firstL1, lastL1)) {
-      const tasks = this.planRead(offset, length, out);
+      let tasks: Promise<void>[] | null;
+      try {
+        tasks = this.planRead(offset, length, out);
+      } catch (err) {
+        // Corrupt metadata is reported like an I/O error: as a rejection.
+        return Promise.reject(err);
+      }
       if (tasks) {
         if (tasks.length === 0) return Promise.resolve(out);
         return (tasks.length === 1 ? tasks[0] : Promise.all(tasks)).then(() => out);
