@@ -254,6 +254,21 @@ export class MigrationFramer extends Transform {
    * (last footer + EOF, optionally + a complete VMDESCRIPTION), i.e. a source
    * that waits for SHUT on the return path has sent everything.
    */
+  /**
+   * Like tailComplete(), but says whether the complete tail carries a
+   * VMDESCRIPTION. A precopy source sends EOF and VMDESCRIPTION through the
+   * same buffer, but the two can arrive apart: a tail that ends at EOF is
+   * only trusted after a longer silence.
+   */
+  completeTail(): 'none' | 'eof' | 'vmdescription' {
+    if (this.state === State.Device) {
+      const p = this.findCompleteTail();
+      if (p < 0) return 'none';
+      return this.q.available > p + 6 ? 'vmdescription' : 'eof';
+    }
+    return this.tailComplete() ? 'eof' : 'none';
+  }
+
   tailComplete(): boolean {
     switch (this.state) {
       case State.Device:

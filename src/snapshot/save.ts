@@ -97,7 +97,13 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const quietMs = opts.quietMs ?? 300;
   const watch = setInterval(() => {
     opts.onProgress?.(gate.bytes, writer.summary().pageRecords);
-    if (returnPathOpen && Date.now() - gate.lastDataAt >= quietMs && framer.tailComplete()) gate.finish();
+    if (!returnPathOpen) return;
+    const quiet = Date.now() - gate.lastDataAt;
+    if (quiet < quietMs) return;
+    const tail = framer.completeTail();
+    // A stream ending at EOF may still get its VMDESCRIPTION: wait longer for
+    // that (a machine with suppress-vmdesc sends none).
+    if (tail === 'vmdescription' || (tail === 'eof' && quiet >= quietMs * 10)) gate.finish();
   }, 50);
 
   const onAbort = () => gate.destroy(new SaveAbortedError(`save interrupted (${String(opts.signal?.reason ?? 'aborted')}) after ${gate.bytes} bytes of stream`));

@@ -28,12 +28,15 @@ interface Saved {
 }
 
 async function saveVm(machine: Machine, paused: boolean, caps?: Record<string, boolean>): Promise<Saved> {
-  const tag = `${machine}-${paused ? 'paused' : 'running'}${caps ? '-rp' : ''}`;
+  const tag = `${machine}-${paused ? 'paused' : 'running'}${caps ? '-' + Object.keys(caps).join('-') : ''}`;
   const image = path.join(dir, `${tag}.qcow2`);
   const dump = path.join(dir, `${tag}.mem`);
   const vm: Vm = await startVm({ machine, memMiB: MEM_MIB, paused, loads: [{ file: pattern, addr: PATTERN_ADDR }] });
   try {
-    const mig = await vm.migrate(snapExec(`save -q ${shellQuote(image)}`), { capabilities: caps, timeoutMs: 60_000 });
+    const mig = await vm.migrate(snapExec(`save -q ${shellQuote(image)}`), { capabilities: caps, timeoutMs: 60_000 }).catch((err: Error) => {
+      // qemu-snap's stderr goes to QEMU's: show it.
+      throw new Error(`${err.message}; QEMU/qemu-snap stderr: ${vm.stderr.trim()}`);
+    });
     await vm.pmemsave(dump, MEM_MIB << 20);
     return { image, dump, normal: mig.ram?.normal ?? -1 };
   } finally {
