@@ -29,6 +29,11 @@ common options:
   -q, --quiet                 no messages but errors
   -h, --help                  this text`;
 
+// QEMU_SNAP_STATS=1: one JSON line of figures on stderr at exit, for the benchmarks.
+const wantStats = process.env.QEMU_SNAP_STATS === '1';
+const startedAt = performance.now();
+let stats: Record<string, unknown> = {};
+
 interface CommonFlags {
   quiet: boolean;
   progress: boolean;
@@ -130,6 +135,7 @@ async function cmdSave(argv: string[]): Promise<void> {
       onProgress: (bytes, pages) => progress.update(bytes, pages),
     });
     progress.done(r.streamBytes, r.pageRecords);
+    stats = { cmd: 'save', streamBytes: r.streamBytes, dataPages: r.dataPages };
     if (!common.quiet) {
       process.stderr.write(`qemu-snap: saved ${r.imagePath}: ${r.dataPages} data pages, ${r.blocks.length} RAM blocks, ${r.deviceStateLength} bytes of device state\n`);
     }
@@ -169,6 +175,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
       onProgress: (bytes, pages) => progress.update(bytes, pages),
     });
     progress.done(r.streamBytes, r.dataPagesSent);
+    stats = { cmd: 'load', streamBytes: r.streamBytes, dataPages: r.dataPagesSent, requests: r.requests };
     if (!common.quiet && outputPath !== undefined) process.stderr.write(`qemu-snap: wrote ${r.streamBytes} bytes of stream to ${outputPath}\n`);
   } catch (err) {
     progress.clear();
@@ -251,6 +258,10 @@ main(process.argv.slice(2)).then(
 );
 
 function flushAndExit(code: number): void {
+  if (wantStats) {
+    const line = { ...stats, code, ms: Math.round(performance.now() - startedAt), maxRssKiB: process.resourceUsage().maxRSS };
+    process.stderr.write(`qemu-snap-stats: ${JSON.stringify(line)}\n`);
+  }
   const done = () => process.exit(code);
   if (process.stdout.writableLength > 0) process.stdout.once('drain', done);
   else setImmediate(done);

@@ -1,0 +1,382 @@
+// The benchmark behind `npm run bench`: qemu-snap against cat and against
+// QEMU's own savevm/loadvm, with real QEMU, side by side in one run, and the
+// targets from the issues checked. Usage:
+//   node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE]
+// Full: a 2 GiB VM holding 1 GiB of random data; --quick: 512 MiB with 256 MiB.
+// Every figure is the best of N runs (3 by default); timings on shared
+// machines vary a lot, so only ratios within one run mean anything.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import minimist from 'minimist';
+import { Writable } from 'streamx';
+import { MigrationFramer } from '../src/migration/framer';
+import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions } from '../test/e2e/lib';
+import {
+  BenchError,
+  Row,
+  Timing,
+  allocatedBytes,
+  bestOf,
+  formatMachine,
+  formatTable,
+  freeBytes,
+  machineInfo,
+  mib,
+  ms,
+  percentile,
+  q,
+  ratioRow,
+  rmQuiet,
+  statsFromFile,
+  timeShell,
+  timing,
+  CliStats,
+} from './lib';
+
+const CLI = path.resolve(__dirname, '..', 'cli', 'qemu-snap.js');
+const NODE = process.execPath;
+const MiB = 1 << 20;
+
+interface Config {
+  memMiB: number;
+  dataMiB: number;
+  runs: number;
+  dir: string;
+}
+
+function log(msg: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+}
+
+/** qemu-snap as a shell command; its stats line goes to `statsFile`. */
+function snapCmd(args: string, statsFile: string): string {
+  return `QEMU_SNAP_STATS=1 exec ${q(NODE)} ${q(CLI)} ${args} 2>${q(statsFile)}`;
+}
+
+class Bench {
+  readonly pattern: string;
+  readonly stream: string;
+  readonly image: string;
+  readonly savevmDisk: string;
+  readonly rows: Row[] = [];
+  readonly notes: string[] = [];
+  private readonly statsFile: string;
+  private vmSeq = 0;
+
+  constructor(readonly cfg: Config) {
+    this.pattern = path.join(cfg.dir, 'pattern.bin');
+    this.stream = path.join(cfg.dir, 'vm.stream');
+    this.image = path.join(cfg.dir, 'vm.qcow2');
+    this.savevmDisk = path.join(cfg.dir, 'savevm.qcow2');
+    this.statsFile = path.join(cfg.dir, 'stats.txt');
+  }
+
+  private vmOpts(extra: Partial<VmOptions> = {}): VmOptions {
+    return { machine: 'pc', memMiB: this.cfg.memMiB, paused: true, name: `bench-${++this.vmSeq}`, ...extra };
+  }
+
+  /** A fresh paused source holding the pattern: a source in postmigrate cannot migrate again. */
+  private source(withDisk = false): Promise<Vm> {
+    const extraArgs = withDisk ? ['-drive', `if=none,id=d0,file=${this.savevmDisk},format=qcow2`] : [];
+    return startVm(this.vmOpts({ loads: [{ file: this.pattern, addr: (this.cfg.memMiB / 4) * MiB }], extraArgs }));
+  }
+
+  private stats(): CliStats {
+    return statsFromFile(this.statsFile);
+  }
+
+  async prepare(): Promise<void> {
+    log(`pattern: ${this.cfg.dataMiB} MiB of random data in a ${this.cfg.memMiB} MiB VM`);
+    makePattern(this.pattern, this.cfg.dataMiB * MiB, 6);
+    const src = await this.source();
+    try {
+      const info = await src.migrate(`exec:cat > ${q(this.stream)}`, { timeoutMs: 120_000 });
+      const size = fs.statSync(this.stream).size;
+      this.notes.push(`stream: ${size} bytes (${mib(size)}); QEMU sent ${info.ram?.normal} data pages and ${info.ram?.duplicate} zero pages`);
+      log(`captured ${mib(size)} stream`);
+    } finally {
+      await src.stop();
+    }
+  }
+
+  /** 1 and 6: `cat STREAM | qemu-snap save IMG` vs `cat STREAM | cat > FILE`; peak RSS; image size. */
+  async savePipe(): Promise<void> {
+    const file = path.join(this.cfg.dir, 'cat.out');
+    const cat: number[] = [];
+    const catSync: number[] = [];
+    const save: number[] = [];
+    const rss: number[] = [];
+    for (let i = 0; i < this.cfg.runs; i++) {
+      rmQuiet(this.image);
+      const s = await timeShell(`cat ${q(this.stream)} | ${snapCmd(`save -q ${q(this.image)}`, this.statsFile)}`);
+      save.push(s.ms);
+      rss.push(this.stats().maxRssKiB);
+      cat.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)}`)).ms);
+      rmQuiet(file);
+      // save fsyncs its image before publishing it; this is cat doing the same.
+      catSync.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)} && sync ${q(file)}`)).ms);
+      rmQuiet(file);
+      log(`save pipe run ${i + 1}: qemu-snap ${ms(save[i])}, cat ${ms(cat[i])}, cat+sync ${ms(catSync[i])}`);
+    }
+    const t = timing(save);
+    const c = timing(cat);
+    const cs = timing(catSync);
+    this.rows.push(ratioRow('save through a pipe (vs `cat > FILE`)', t.best, ms(t.best), c.best, ms(c.best), { max: 1.25 }));
+    this.rows.push(ratioRow('save through a pipe (vs `cat > FILE && sync FILE`)', t.best, ms(t.best), cs.best, ms(cs.best)));
+    this.saveRss = Math.max(...rss);
+    const streamSize = fs.statSync(this.stream).size;
+    const imgSize = fs.statSync(this.image).size;
+    const imgAlloc = allocatedBytes(this.image);
+    this.rows.push({
+      what: 'image size vs stream size',
+      ours: `${mib(imgSize)} (${mib(imgAlloc)} allocated)`,
+      versus: mib(streamSize),
+      ratio: imgAlloc / streamSize,
+      target: '',
+      met: null,
+    });
+  }
+
+  private saveRss = 0;
+  private loadRss = 0;
+
+  /** 3: `qemu-snap load IMG | cat > /dev/null` vs `cat STREAM | cat > /dev/null`. */
+  async loadPipe(): Promise<void> {
+    const cat: number[] = [];
+    const load: number[] = [];
+    const rss: number[] = [];
+    for (let i = 0; i < this.cfg.runs; i++) {
+      load.push((await timeShell(`${snapCmd(`load ${q(this.image)}`, this.statsFile)} | cat > /dev/null`)).ms);
+      rss.push(this.stats().maxRssKiB);
+      cat.push((await timeShell(`cat ${q(this.stream)} | cat > /dev/null`)).ms);
+      log(`load pipe run ${i + 1}: qemu-snap ${ms(load[i])}, cat ${ms(cat[i])}`);
+    }
+    const t = timing(load);
+    const c = timing(cat);
+    this.rows.push(ratioRow('load through a pipe (vs `cat STREAM | cat`)', t.best, ms(t.best), c.best, ms(c.best), { max: 1.0 }));
+    this.loadRss = Math.max(...rss);
+  }
+
+  /** framer ≥ 0.8× cat pipe: the parser alone, in this process, on the captured stream. */
+  async framer(): Promise<void> {
+    const cat = await bestOf(this.cfg.runs, async () => (await timeShell(`cat ${q(this.stream)} | cat > /dev/null`)).ms);
+    const fr = await bestOf(this.cfg.runs, () => timeFramer(this.stream));
+    const size = fs.statSync(this.stream).size;
+    const mbs = (t: number) => `${Math.round(size / 1e3 / t)} MB/s`;
+    // Throughput ratio: higher is better.
+    this.rows.push(ratioRow('framer throughput (vs `cat STREAM | cat`)', cat.best, mbs(fr.best), fr.best, mbs(cat.best), { min: 0.8 }));
+  }
+
+  /** 2: QEMU's migration into exec:qemu-snap save vs exec:cat, and savevm. */
+  async qemuSave(): Promise<void> {
+    const file = path.join(this.cfg.dir, 'exec-cat.out');
+    const img = path.join(this.cfg.dir, 'exec-save.qcow2');
+    const res = { cat: [] as number[], catWall: [] as number[], snap: [] as number[], snapWall: [] as number[], savevm: [] as number[], rss: [] as number[] };
+    for (let i = 0; i < this.cfg.runs; i++) {
+      const one = async (uri: string): Promise<[number, number]> => {
+        const src = await this.source();
+        try {
+          const t0 = performance.now();
+          const info = await src.migrate(uri, { timeoutMs: 120_000 });
+          const wall = performance.now() - t0;
+          if (info['total-time'] === undefined) throw new BenchError(`query-migrate gave no total-time for ${uri}`);
+          return [info['total-time'], wall];
+        } finally {
+          await src.stop();
+        }
+      };
+      const [ct, cw] = await one(`exec:cat > ${q(file)}`);
+      rmQuiet(file);
+      rmQuiet(img);
+      const [st, sw] = await one(`exec:${snapCmd(`save -q ${q(img)}`, this.statsFile)}`);
+      res.rss.push(this.stats().maxRssKiB);
+      rmQuiet(img);
+      rmQuiet(this.savevmDisk);
+      createQcow2(this.savevmDisk, `${this.cfg.memMiB}M`);
+      const src = await this.source(true);
+      try {
+        res.savevm.push(await savevmTiming(src, 'bench'));
+      } finally {
+        await src.stop();
+      }
+      res.cat.push(ct);
+      res.catWall.push(cw);
+      res.snap.push(st);
+      res.snapWall.push(sw);
+      log(`QEMU save run ${i + 1}: exec:qemu-snap ${st} ms (wall ${ms(sw)}), exec:cat ${ct} ms (wall ${ms(cw)}), savevm ${ms(res.savevm[i])}`);
+    }
+    const snap = timing(res.snap);
+    const cat = timing(res.cat);
+    const snapWall = timing(res.snapWall);
+    const catWall = timing(res.catWall);
+    const savevm = timing(res.savevm);
+    this.rows.push(ratioRow('QEMU save, total-time (vs `exec:cat > FILE`)', snap.best, ms(snap.best), cat.best, ms(cat.best), { max: 1.1 }));
+    this.rows.push(ratioRow('QEMU save, wall (vs `exec:cat > FILE`)', snapWall.best, ms(snapWall.best), catWall.best, ms(catWall.best), { max: 1.1 }));
+    this.rows.push(ratioRow('QEMU save, wall (faster than savevm)', snapWall.best, ms(snapWall.best), savevm.best, `savevm ${ms(savevm.best)}`, { below: 1 }));
+    this.saveRss = Math.max(this.saveRss, ...res.rss);
+  }
+
+  /** 4: restore time, migrate-incoming → completed, for exec:qemu-snap load vs exec:cat; loadvm. */
+  async qemuRestore(): Promise<void> {
+    const res = { cat: [] as number[], snap: [] as number[], loadvm: [] as number[] };
+    for (let i = 0; i < this.cfg.runs; i++) {
+      res.snap.push(await this.incoming(`exec:${snapCmd(`load ${q(this.image)}`, this.statsFile)}`));
+      this.loadRss = Math.max(this.loadRss, this.stats().maxRssKiB);
+      res.cat.push(await this.incoming(`exec:cat ${q(this.stream)}`));
+      const dst = await startVm(this.vmOpts({ extraArgs: ['-drive', `if=none,id=d0,file=${this.savevmDisk},format=qcow2`] }));
+      try {
+        res.loadvm.push(await loadvmTiming(dst, 'bench'));
+      } finally {
+        await dst.stop();
+      }
+      log(`QEMU restore run ${i + 1}: exec:qemu-snap load ${ms(res.snap[i])}, exec:cat ${ms(res.cat[i])}, loadvm ${ms(res.loadvm[i])}`);
+    }
+    const snap = timing(res.snap);
+    const cat = timing(res.cat);
+    const loadvm = timing(res.loadvm);
+    this.precopyRestore = snap;
+    this.rows.push(ratioRow('QEMU restore (vs `-incoming exec:cat STREAM`)', snap.best, ms(snap.best), cat.best, ms(cat.best), { max: 1.0 }));
+    this.rows.push(ratioRow('QEMU restore (faster than loadvm)', snap.best, ms(snap.best), loadvm.best, `loadvm ${ms(loadvm.best)}`, { below: 1 }));
+  }
+
+  private precopyRestore: Timing | null = null;
+
+  /**
+   * One destination (-S, -incoming defer): ms from migrate-incoming to
+   * `completed` (or to `until`); QEMU start-up is not counted.
+   */
+  private async incoming(uri: string, caps?: Record<string, boolean>, during?: (dst: Vm) => Promise<void>): Promise<number> {
+    const dst = await startVm(this.vmOpts({ incoming: 'defer' }));
+    try {
+      if (caps) await dst.setMigrationCapabilities(caps);
+      const t0 = performance.now();
+      await dst.migrateIncoming(uri);
+      if (during) await during(dst);
+      await dst.waitForMigrationStatus('completed', 180_000);
+      this.lastSeen = new Map([...dst.migrationStatusSeen].map(([k, v]) => [k, v - t0]));
+      return (dst.migrationStatusSeen.get('completed') as number) - t0;
+    } finally {
+      await dst.stop();
+    }
+  }
+
+  private lastSeen = new Map<string, number>();
+
+  /** 5: postcopy time to running (postcopy-active) and to completed; request latency. */
+  async postcopy(): Promise<void> {
+    const precopy = this.precopyRestore;
+    if (!precopy) throw new BenchError('postcopy needs the precopy restore figures first');
+    for (const pct of [0, 10]) {
+      const running: number[] = [];
+      const completed: number[] = [];
+      for (let i = 0; i < this.cfg.runs; i++) {
+        completed.push(await this.incoming(`exec:${snapCmd(`load -q --postcopy ${pct} ${q(this.image)}`, this.statsFile)}`, { 'postcopy-ram': true }));
+        const active = this.lastSeen.get('postcopy-active');
+        if (active === undefined) throw new BenchError(`--postcopy ${pct}: the destination never showed postcopy-active (saw ${[...this.lastSeen.keys()].join(', ')})`);
+        running.push(active);
+        this.loadRss = Math.max(this.loadRss, this.stats().maxRssKiB);
+        log(`postcopy ${pct}% run ${i + 1}: running after ${ms(active)}, completed after ${ms(completed[i])}`);
+      }
+      const r = timing(running);
+      const c = timing(completed);
+      this.rows.push(ratioRow(`postcopy ${pct}%: time to running (vs precopy restore)`, r.best, ms(r.best), precopy.best, ms(precopy.best), { below: 0.3 }));
+      this.rows.push(ratioRow(`postcopy ${pct}%: time to completed (vs precopy restore)`, c.best, ms(c.best), precopy.best, ms(precopy.best)));
+    }
+    // Page requests: QEMU faults on every page not yet received while pmemsave reads all of RAM.
+    const dump = path.join(this.cfg.dir, 'postcopy.mem');
+    await this.incoming(`exec:${snapCmd(`load -q --postcopy 0 ${q(this.image)}`, this.statsFile)}`, { 'postcopy-ram': true }, async (dst) => {
+      await dst.waitForMigrationStatus('postcopy-active', 60_000);
+      await dst.pmemsave(dump, this.cfg.memMiB * MiB);
+      rmQuiet(dump);
+    });
+    const req = this.stats().requests;
+    if (!req || req.count === 0) throw new BenchError('postcopy with pmemsave: no page requests were served');
+    const lat = req.latenciesMs;
+    this.rows.push({
+      what: `postcopy 0% page-request latency p50 / p99 (${req.count} requests, pmemsave of all RAM during postcopy)`,
+      ours: `${percentile(lat, 50).toFixed(2)} / ${percentile(lat, 99).toFixed(2)} ms`,
+      versus: '',
+      ratio: null,
+      target: '',
+      met: null,
+    });
+  }
+
+  rssRows(): void {
+    // ru_maxrss is in KiB; the target is 256 MiB whatever the VM size.
+    const limitKiB = 256 * 1024;
+    for (const [what, kib] of [['save', this.saveRss], ['load', this.loadRss]] as const) {
+      this.rows.push({ what: `peak RSS of ${what} (pipe and QEMU runs)`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 256 MiB', met: kib <= limitKiB });
+    }
+  }
+}
+
+/** Frames the whole stream file into records and drops them; ms. */
+function timeFramer(file: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const framer = new MigrationFramer();
+    const sink = new Writable({
+      highWaterMark: 4 * MiB,
+      write(_r: unknown, cb: (err: Error | null) => void) {
+        cb(null);
+      },
+    });
+    const src = fs.createReadStream(file, { highWaterMark: MiB });
+    src.on('error', reject);
+    framer.on('error', reject);
+    sink.on('error', reject);
+    sink.on('finish', () => resolve(performance.now() - t0));
+    src.pipe(framer as unknown as NodeJS.WritableStream);
+    framer.pipe(sink);
+  });
+}
+
+async function main(): Promise<void> {
+  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help'], string: ['runs', 'dir', 'json', 'md'] });
+  if (args.help) {
+    process.stdout.write('usage: node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE] [--md FILE]\n');
+    return;
+  }
+  requireQemu();
+  const quick = args.quick === true;
+  const runs = args.runs === undefined ? 3 : Number(args.runs);
+  if (!Number.isInteger(runs) || runs < 1 || runs > 50) throw new BenchError(`--runs: '${args.runs}' is not a whole number from 1 to 50`);
+  const memMiB = quick ? 512 : 2048;
+  const dataMiB = quick ? 256 : 1024;
+  const base = typeof args.dir === 'string' ? args.dir : (await import('node:os')).tmpdir();
+  // Pattern, stream, image, a cat copy, an exec: copy and the savevm disk can coexist.
+  const need = 7 * dataMiB * MiB;
+  if (freeBytes(base) < need) throw new BenchError(`${base}: ${mib(freeBytes(base))} free, the benchmark needs ${mib(need)}`);
+  const dir = fs.mkdtempSync(path.join(base, 'qemu-snap-bench-'));
+  const cleanup = () => rmQuiet(dir);
+  process.on('exit', cleanup);
+  const accel = defaultAccel();
+  const t0 = performance.now();
+  const b = new Bench({ memMiB, dataMiB, runs, dir });
+  try {
+    await b.prepare();
+    await b.savePipe();
+    await b.loadPipe();
+    await b.framer();
+    await b.qemuSave();
+    await b.qemuRestore();
+    await b.postcopy();
+    b.rssRows();
+  } finally {
+    cleanup();
+  }
+  const machine = machineInfo(accel);
+  const title = `${quick ? 'quick' : 'full'}: ${memMiB} MiB VM, ${dataMiB} MiB of random data, paused, best of ${runs}`;
+  const text = [`### ${title}`, '', `Machine: ${formatMachine(machine)}`, '', formatTable(b.rows), ...b.notes.map((n) => `- ${n}`), `- whole benchmark: ${ms(performance.now() - t0)}`, ''].join('\n');
+  process.stdout.write(text + '\n');
+  if (typeof args.md === 'string') fs.writeFileSync(args.md, text + '\n');
+  if (typeof args.json === 'string') fs.writeFileSync(args.json, JSON.stringify({ title, machine, rows: b.rows, notes: b.notes }, null, 2) + '\n');
+  const missed = b.rows.filter((r) => r.met === false).length;
+  if (missed > 0) log(`${missed} target(s) not met`);
+}
+
+main().catch((err: Error) => {
+  process.stderr.write(`bench: ${err instanceof BenchError ? err.message : (err.stack ?? String(err))}\n`);
+  process.exit(1);
+});
