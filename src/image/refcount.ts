@@ -117,6 +117,9 @@ export class RefcountManager {
     const m = new RefcountManager(path, clusterSize, order, tableOffset, tableClusters, table);
     const entries = table.length / 8;
     let highestUsed = -1;
+    // Distinct blocks inside the file cost at most the file's size in memory;
+    // a table naming one block a million times would cost a million clusters.
+    const seen = new Map<number, number>();
     for (let i = 0; i < entries; i++) {
       const raw = table.readUInt32BE(i * 8) * 4294967296 + table.readUInt32BE(i * 8 + 4);
       if (raw === 0) continue;
@@ -127,6 +130,11 @@ export class RefcountManager {
       if (off >= fileSize) {
         throw new Qcow2Error(path, `refcount block ${i} at 0x${off.toString(16)} lies outside the file (${fileSize} bytes)`, tableOffset + i * 8);
       }
+      const first = seen.get(off);
+      if (first !== undefined) {
+        throw new Qcow2Error(path, `refcount block ${i} at 0x${off.toString(16)} is the same cluster as refcount block ${first}`, tableOffset + i * 8);
+      }
+      seen.set(off, i);
       const block = Buffer.alloc(clusterSize);
       await readFully(fh, block, off);
       m.blocks.set(i, block);

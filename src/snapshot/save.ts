@@ -70,7 +70,9 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const dir = path.dirname(target);
   const tmpPath = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
   const blockTarget = new ImageBlockTarget();
-  let tmpCreated = false;
+  // Resolves once the temporary image exists (or failed to): a stream that
+  // fails while it is being created must not unlink before it appears.
+  let creating: Promise<Qcow2Image | null> | null = null;
 
   const gate = new InputGate(input);
   const framer = new MigrationFramer({ pageSize: opts.pageSize });
@@ -78,8 +80,9 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
-      tmpCreated = true;
-      blockTarget.image = await Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
+      const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
+      creating = created.catch(() => null);
+      blockTarget.image = await created;
       return blockTarget.image.vmStateOffset;
     },
     onCommand: (command, payload) => {
@@ -138,8 +141,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     opts.signal?.removeEventListener('abort', onAbort);
     if (!ok) {
       gate.destroy();
-      if (blockTarget.image) await blockTarget.image.close().catch(() => undefined);
-      if (tmpCreated) await fsp.unlink(tmpPath).catch(() => undefined);
+      // Assigned in a callback: TypeScript's narrowing cannot see it.
+      const pending = creating as Promise<Qcow2Image | null> | null;
+      const image = pending ? await pending : null;
+      if (image) await image.close().catch(() => undefined);
+      if (pending) await fsp.unlink(tmpPath).catch(() => undefined);
       if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(1));
     }
   }

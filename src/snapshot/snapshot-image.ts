@@ -44,6 +44,15 @@ export async function openSnapshot(path: string): Promise<SnapshotContents> {
 async function readContents(path: string, image: Qcow2Image): Promise<SnapshotContents> {
   const head = await image.readVmState(0, VMSTATE_HEADER_SIZE);
   const header = decodeSnapshotHeader(path, head, MAX_STATE_BYTES + VMSTATE_HEADER_SIZE);
+  // Save writes the whole state, so it is allocated: a length that reaches
+  // into holes is damage, refused before a buffer of that size is made.
+  const want = VMSTATE_HEADER_SIZE + header.stateLength;
+  await image.loadMetadata(image.vmStateOffset, want);
+  const first = image.allocatedRanges(image.vmStateOffset, want)[0];
+  const written = first && first.allocated ? first.length : 0;
+  if (written < want) {
+    throw new SnapshotFormatError(path, `STVM header: state length ${header.stateLength} reaches past the written VM state area (${written} bytes allocated)`);
+  }
   const state = await image.readVmState(VMSTATE_HEADER_SIZE, header.stateLength);
   const leader = state.subarray(0, header.leaderLength);
   const deviceState = state.subarray(header.leaderLength);
