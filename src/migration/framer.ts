@@ -60,6 +60,9 @@ class ChunkQueue {
   private chunks: Buffer[] = [];
   private head: Buffer = EMPTY;
   private pos = 0;
+  /** locate()'s cursor: a chunk index and the queue position where that chunk starts. */
+  private cursorChunk = 0;
+  private cursorBase = 0;
   /** Bytes not yet consumed. */
   available = 0;
   /** Absolute stream offset of the next unconsumed byte. */
@@ -75,16 +78,39 @@ class ChunkQueue {
   }
 
   byteAt(rel: number): number {
-    let i = this.pos + rel;
+    const i = this.pos + rel;
     const head = this.head;
     if (i < head.length) return head[i];
-    i -= head.length;
-    for (let k = 1; k < this.chunks.length; k++) {
-      const c = this.chunks[k];
-      if (i < c.length) return c[i];
-      i -= c.length;
+    const k = this.locate(i);
+    if (k >= this.chunks.length) throw new RangeError('ChunkQueue.byteAt past the end');
+    return this.chunks[k][i - this.cursorBase];
+  }
+
+  /**
+   * Index of the chunk holding queue position i (pos + rel), found from a
+   * cursor: the device-state tail search probes candidates front to back
+   * over up to 64 MiB held back in many chunks, and walking from the first
+   * chunk for each probe made it quadratic (a minute for 48 MiB).
+   */
+  private locate(i: number): number {
+    let k = this.cursorChunk;
+    let base = this.cursorBase;
+    if (i < base) {
+      if (k > 0 && i >= base - this.chunks[k - 1].length) {
+        k--;
+        base -= this.chunks[k].length;
+      } else {
+        k = 0;
+        base = 0;
+      }
     }
-    throw new RangeError('ChunkQueue.byteAt past the end');
+    while (k < this.chunks.length && i >= base + this.chunks[k].length) {
+      base += this.chunks[k].length;
+      k++;
+    }
+    this.cursorChunk = k;
+    this.cursorBase = base;
+    return k;
   }
 
   u16At(rel: number): number {
@@ -123,17 +149,18 @@ class ChunkQueue {
 
   /** Relative index of the next `byte` at or after `rel`, or -1. */
   indexOf(byte: number, rel: number): number {
-    let base = 0;
-    let start = this.pos;
-    for (let k = 0; k < this.chunks.length; k++) {
+    const i = this.pos + rel;
+    let k = this.locate(i);
+    let b = this.cursorBase;
+    for (; k < this.chunks.length; k++) {
       const c = this.chunks[k];
-      const from = start + rel - base;
-      if (from < c.length) {
-        const at = c.indexOf(byte, Math.max(from, start));
-        if (at >= 0) return base + at - start;
+      const at = c.indexOf(byte, Math.max(i - b, 0));
+      if (at >= 0) {
+        this.cursorChunk = k;
+        this.cursorBase = b;
+        return b + at - this.pos;
       }
-      base += c.length - start;
-      start = 0;
+      b += c.length;
     }
     return -1;
   }
@@ -145,6 +172,8 @@ class ChunkQueue {
     while (this.pos >= this.head.length && this.chunks.length > 0) {
       this.pos -= this.head.length;
       this.chunks.shift();
+      this.cursorChunk = 0;
+      this.cursorBase = 0;
       this.head = this.chunks.length > 0 ? this.chunks[0] : EMPTY;
     }
   }
