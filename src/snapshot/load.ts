@@ -56,23 +56,39 @@ export interface LoadResult {
 }
 
 const HOLE_PIECE = 16 << 20;
+/** Metadata is mapped in pieces this large, so a huge sparse image never holds all its L2 tables. */
+const MAP_PIECE = 16 * 2 ** 30;
 const ADVISE_PING = 1;
 const PONG_TIMEOUT_MS = 30_000;
 const NO_POSTCOPY_RAM =
   'the destination rejected POSTCOPY_ADVISE (it closed the stream): enable the postcopy-ram capability on it (-incoming defer, migrate-set-capabilities postcopy-ram on, then migrate-incoming)';
 
-/** The background plan: every page of every block, data ranges read in pieces, holes not read. */
-function* buildPlan(snap: SnapshotContents, readSize: number): Generator<ReadPlanEntry> {
+/** Allocated and unallocated runs of every block, in disk order (metadata loaded a piece at a time). */
+async function mapBlocks(snap: SnapshotContents): Promise<Array<{ index: number; offset: number; length: number; allocated: boolean }>> {
   const ps = snap.header.pageSize;
+  const out: Array<{ index: number; offset: number; length: number; allocated: boolean }> = [];
   for (let i = 0; i < snap.blocks.length; i++) {
     const b = snap.blocks[i];
-    const len = Math.ceil(b.length / ps) * ps;
-    if (len === 0) continue;
-    for (const run of snap.image.allocatedRanges(b.offset, len)) {
-      const piece = run.allocated ? readSize : HOLE_PIECE;
-      for (let o = run.offset; o < run.offset + run.length; o += piece) {
-        yield { offset: o, length: Math.min(piece, run.offset + run.length - o), hole: !run.allocated, tag: i };
+    const end = b.offset + Math.ceil(b.length / ps) * ps;
+    for (let o = b.offset; o < end; o += MAP_PIECE) {
+      const len = Math.min(MAP_PIECE, end - o);
+      await snap.image.loadMetadata(o, len);
+      for (const run of snap.image.allocatedRanges(o, len)) {
+        const last = out[out.length - 1];
+        if (last && last.index === i && last.allocated === run.allocated && last.offset + last.length === run.offset) last.length += run.length;
+        else out.push({ index: i, offset: run.offset, length: run.length, allocated: run.allocated });
       }
+    }
+  }
+  return out;
+}
+
+/** The background plan: every page of every block, data ranges read in pieces, holes not read. */
+function* buildPlan(runs: Array<{ index: number; offset: number; length: number; allocated: boolean }>, readSize: number): Generator<ReadPlanEntry> {
+  for (const run of runs) {
+    const piece = run.allocated ? readSize : HOLE_PIECE;
+    for (let o = run.offset; o < run.offset + run.length; o += piece) {
+      yield { offset: o, length: Math.min(piece, run.offset + run.length - o), hole: !run.allocated, tag: run.index };
     }
   }
 }
@@ -99,7 +115,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   const maxInFlight = opts.maxInFlight ?? 8;
   const reader = new OrderedBlockReader(
     { read: (offset: number, length: number) => snap.image.read(offset, length) },
-    buildPlan(snap, readSize),
+    buildPlan(await mapBlocks(snap), readSize),
     { maxInFlight, highWaterMark: postcopy ? 256 << 10 : 4 << 20 },
   );
 
@@ -270,7 +286,14 @@ function requestPages(
   let last = end;
   while (last > first && encoder.isSent(index, last - 1)) last--;
   if (first >= last) return;
-  for (const run of snap.image.allocatedRanges(block.offset + first * ps, (last - first) * ps)) {
+  let runs: Array<{ offset: number; length: number; allocated: boolean }>;
+  try {
+    runs = snap.image.allocatedRanges(block.offset + first * ps, (last - first) * ps);
+  } catch {
+    // Its L2 table is not in memory: read the range (a hole reads as zeros).
+    runs = [{ offset: block.offset + first * ps, length: (last - first) * ps, allocated: true }];
+  }
+  for (const run of runs) {
     if (!requested.has(run.offset)) requested.set(run.offset, t0);
     reader.urgent({ offset: run.offset, length: run.length, hole: !run.allocated, tag: index });
   }
