@@ -9,6 +9,26 @@ import { ProgressLine } from '../src/util/progress';
 import { saveSnapshot } from '../src/snapshot/save';
 import { describeFile, formatInfo } from '../src/snapshot/info';
 import { loadSnapshot } from '../src/snapshot/load';
+import { verifySnapshot } from '../src/snapshot/verify';
+import { FdReader, FdWriter, isPipe } from '../src/util/fd-stream';
+
+// Pipes are read and written on a worker thread (see fd-stream.ts); QEMU_SNAP_PIPE_THREAD=0 turns that off.
+const pipeThread = process.env.QEMU_SNAP_PIPE_THREAD !== '0';
+
+// process.stdout is created on first use, and for a pipe that makes fd 1
+// non-blocking, which the writer thread must not see: touch it only through here.
+let stdoutUsed = false;
+function stdout(): NodeJS.WriteStream {
+  if (!stdoutUsed) {
+    stdoutUsed = true;
+    process.stdout.on('error', (err) => {
+      // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
+      process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
+      process.exit(1);
+    });
+  }
+  return process.stdout;
+}
 
 const USAGE = `usage:
   qemu-snap save [options] IMAGE     migration stream on stdin → snapshot IMAGE
@@ -23,7 +43,9 @@ const USAGE = `usage:
       --max-in-flight N       block reads outstanding (default 8)
       --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
                               on demand (the destination needs the postcopy-ram capability)
+      --no-verify             do not check RAM against the image's digests
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
+  qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
 common options:
   --progress / --no-progress  progress on stderr (default: when stderr is a terminal)
   -q, --quiet                 no messages but errors
@@ -43,7 +65,7 @@ function fail(message: string): never {
   throw new UsageError(message);
 }
 
-function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; alias?: Record<string, string> }) {
+function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; alias?: Record<string, string>; default?: Record<string, boolean> }) {
   const known = new Set<string>();
   for (const k of [...(spec.string ?? []), ...(spec.boolean ?? []), 'progress', 'quiet', 'help']) known.add(k);
   for (const [k, v] of Object.entries({ ...(spec.alias ?? {}), q: 'quiet', h: 'help' })) {
@@ -54,7 +76,7 @@ function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; al
     string: spec.string ?? [],
     boolean: [...(spec.boolean ?? []), 'progress', 'quiet', 'help'],
     alias: { ...(spec.alias ?? {}), q: 'quiet', h: 'help' },
-    default: { progress: undefined },
+    default: { progress: undefined, ...(spec.default ?? {}) },
     unknown: (arg: string) => {
       if (arg.startsWith('-') && arg !== '-') {
         const name = arg.replace(/^--?(no-)?/, '').replace(/=.*$/, '');
@@ -107,7 +129,7 @@ async function cmdSave(argv: string[]): Promise<void> {
     boolean: ['force'],
     alias: { i: 'input', S: 'page-size', f: 'force' },
   });
-  if (args.help) return void process.stdout.write(USAGE + '\n');
+  if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot file to write)');
   const pageSizeArg = oneString(args['page-size'], '--page-size');
   const clusterArg = oneString(args['cluster-size'], '--cluster-size');
@@ -121,7 +143,12 @@ async function cmdSave(argv: string[]): Promise<void> {
   }
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
   const inputPath = oneString(args.input, '--input');
-  const input = inputPath === undefined || inputPath === '-' ? process.stdin : (await import('node:fs')).createReadStream(inputPath, { highWaterMark: 1 << 20 });
+  const fromStdin = inputPath === undefined || inputPath === '-';
+  const input: NodeJS.ReadableStream = fromStdin
+    ? pipeThread && isPipe(0)
+      ? (new FdReader(0) as unknown as NodeJS.ReadableStream)
+      : process.stdin
+    : (await import('node:fs')).createReadStream(inputPath, { highWaterMark: 1 << 20 });
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
@@ -130,7 +157,7 @@ async function cmdSave(argv: string[]): Promise<void> {
       clusterSize,
       maxInFlight,
       force: args.force === true,
-      returnPath: process.stdout,
+      returnPath: stdout(),
       signal: ac.signal,
       onProgress: (bytes, pages) => progress.update(bytes, pages),
     });
@@ -148,9 +175,11 @@ async function cmdSave(argv: string[]): Promise<void> {
 async function cmdLoad(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
     string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
+    boolean: ['verify'],
+    default: { verify: true },
     alias: { o: 'output', S: 'page-size' },
   });
-  if (args.help) return void process.stdout.write(USAGE + '\n');
+  if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to load)');
   const pageSizeArg = oneString(args['page-size'], '--page-size');
   const pageSize = pageSizeArg === undefined ? undefined : parseSize(pageSizeArg, '--page-size');
@@ -167,9 +196,11 @@ async function cmdLoad(argv: string[]): Promise<void> {
   try {
     const r = await loadSnapshot(image, {
       output: outputPath,
+      stdout: outputPath !== undefined ? undefined : pipeThread && isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
       pageSize,
       maxInFlight,
       postcopy,
+      verify: args.verify !== false,
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,
       onProgress: (bytes, pages) => progress.update(bytes, pages),
@@ -185,10 +216,18 @@ async function cmdLoad(argv: string[]): Promise<void> {
 
 async function cmdInfo(argv: string[]): Promise<void> {
   const { args } = parse(argv, { boolean: ['json'] });
-  if (args.help) return void process.stdout.write(USAGE + '\n');
+  if (args.help) return void stdout().write(USAGE + '\n');
   const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
   const info = await describeFile(file);
-  process.stdout.write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
+  stdout().write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
+}
+
+async function cmdVerify(argv: string[]): Promise<void> {
+  const { args, common } = parse(argv, {});
+  if (args.help) return void stdout().write(USAGE + '\n');
+  const image = onePositional(args, 'IMAGE (the snapshot to check)');
+  const r = await verifySnapshot(image);
+  if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -204,13 +243,16 @@ async function main(argv: string[]): Promise<number> {
       case 'info':
         await cmdInfo(rest);
         break;
+      case 'verify':
+        await cmdVerify(rest);
+        break;
       case '-h':
       case '--help':
       case 'help':
-        process.stdout.write(USAGE + '\n');
+        stdout().write(USAGE + '\n');
         return 0;
       case undefined:
-        fail('missing command (save, load, info)');
+        fail('missing command (save, load, info, verify)');
         break;
       default:
         fail(`unknown command '${cmd}'`);
@@ -242,12 +284,6 @@ function report(err: unknown): number {
   return 1;
 }
 
-process.stdout.on('error', (err) => {
-  // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
-  process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
-  process.exit(1);
-});
-
 main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;
@@ -263,6 +299,6 @@ function flushAndExit(code: number): void {
     process.stderr.write(`qemu-snap-stats: ${JSON.stringify(line)}\n`);
   }
   const done = () => process.exit(code);
-  if (process.stdout.writableLength > 0) process.stdout.once('drain', done);
+  if (stdoutUsed && process.stdout.writableLength > 0) process.stdout.once('drain', done);
   else setImmediate(done);
 }

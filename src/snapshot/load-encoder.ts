@@ -21,6 +21,8 @@ export interface LoadEncoderOptions {
   prefix: Buffer[];
   /** Awaited after the prefix went out, before the first page (postcopy: ADVISE accepted). */
   beforeFirstRange?: () => Promise<void>;
+  /** Awaited before the suffix goes out (load: RAM verified against its digests). */
+  beforeSuffix?: () => Promise<void>;
   /** Bytes after the last page (device state, or EOF in postcopy). */
   suffix: () => Buffer[];
   /**
@@ -127,12 +129,22 @@ export class LoadEncoder extends Transform {
       const extra = this.opts.interject?.();
       if (extra) this.emitRaw(extra);
       this.writer.endRam();
-      for (const b of this.opts.suffix()) this.writer.raw(b);
       this.writer.flush();
-      cb(null);
     } catch (err) {
-      cb(err as Error);
+      return cb(err as Error);
     }
+    const finish = () => {
+      try {
+        for (const b of this.opts.suffix()) this.writer.raw(b);
+        this.writer.flush();
+        cb(null);
+      } catch (err) {
+        cb(err as Error);
+      }
+    };
+    const gate = this.opts.beforeSuffix?.();
+    if (gate) gate.then(finish, (err: Error) => cb(err));
+    else finish();
   }
 
   private start(): void {

@@ -24,6 +24,8 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
+import { ChunkDigester } from './digests';
+import { verifyChunks } from './verify';
 
 export class LoadError extends QemuSnapError {}
 
@@ -43,6 +45,8 @@ export interface LoadOptions {
   returnPath?: NodeJS.ReadableStream;
   signal?: AbortSignal;
   onProgress?(bytes: number, pages: number): void;
+  /** Check RAM against the image's digests (default true when it has them). */
+  verify?: boolean;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
 }
@@ -142,12 +146,22 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   const requested = new Map<number, bigint>();
   const latencies: number[] = [];
   let adviseAccepted: Promise<void> = Promise.resolve();
+  // RAM is checked against the save's digests alongside the stream; the
+  // device state (or EOF) that lets the destination finish waits for it.
+  let verified: Promise<void> | null = null;
+  let digester: ChunkDigester | null = null;
+  if (snap.digests && opts.verify !== false) {
+    digester = new ChunkDigester(ps);
+    verified = verifyChunks(snap, digester, opts.signal).then(() => undefined);
+    verified.catch((err: Error) => reader.destroy(err));
+  }
   const encoder: LoadEncoder = new LoadEncoder({
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,
     prefix,
     beforeFirstRange: () => adviseAccepted,
+    beforeSuffix: () => verified ?? Promise.resolve(),
     suffix: () => (finishAsPrecopy ? [snap.deviceState] : [Buffer.from([Token.EOF])]),
     interject: () => {
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
@@ -246,6 +260,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     };
   } finally {
     clearInterval(progress);
+    await digester?.close();
     opts.signal?.removeEventListener('abort', onAbort);
     rpGate?.destroy();
   }

@@ -17,7 +17,10 @@ import { encodePong, encodeShut } from '../migration/return-path';
 import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
-import { encodeSnapshotHeader, RamBlockLayout } from './layout';
+import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './layout';
+import { ChunkDigester, DIGEST_CHUNK_SIZE, encodeDigestTable } from './digests';
+import { ChunkTracker } from './chunk-tracker';
+import * as zlib from 'node:zlib';
 
 export class SaveTargetError extends QemuSnapError {}
 
@@ -36,6 +39,8 @@ export interface SaveOptions {
   /** How long the input must be quiet, with a complete tail, before a return-path source is deemed done. */
   quietMs?: number;
   onProgress?(bytes: number, pages: number): void;
+  /** Record RAM digests (default true). */
+  digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
   signal?: AbortSignal;
 }
@@ -50,6 +55,7 @@ export interface SaveResult extends SnapshotSummary {
 /** Writes blocks below the virtual size to the disk, the rest to the VM state area. */
 class ImageBlockTarget implements BlockWriteTarget {
   image: Qcow2Image | null = null;
+  tracker: ChunkTracker | null = null;
 
   writev(offset: number, buffers: Buffer[]): Promise<void> {
     const image = this.image;
@@ -58,7 +64,12 @@ class ImageBlockTarget implements BlockWriteTarget {
       const data = buffers.length === 1 ? buffers[0] : Buffer.concat(buffers);
       return image.writeVmState(offset - image.vmStateOffset, data);
     }
-    return image.writev(offset, buffers);
+    const tracker = this.tracker;
+    if (!tracker) return image.writev(offset, buffers);
+    let length = 0;
+    for (const b of buffers) length += b.length;
+    tracker.writeStarted(offset, length);
+    return image.writev(offset, buffers).then(() => tracker.writeDone(offset, length));
   }
 }
 
@@ -75,6 +86,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   let creating: Promise<Qcow2Image | null> | null = null;
 
   const gate = new InputGate(input);
+  const digester = opts.digests === false ? null : new ChunkDigester(opts.pageSize ?? 4096);
   const framer = new MigrationFramer({ pageSize: opts.pageSize });
   let returnPathOpen = false;
   const writer = new SnapshotWriter({
@@ -82,8 +94,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
       const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
       creating = created.catch(() => null);
-      blockTarget.image = await created;
-      return blockTarget.image.vmStateOffset;
+      const image = await created;
+      blockTarget.image = image;
+      if (digester) blockTarget.tracker = new ChunkTracker(image, virtualSize, digester);
+      return image.vmStateOffset;
     },
     onCommand: (command, payload) => {
       if (command === Command.OPEN_RETURN_PATH) returnPathOpen = true;
@@ -119,6 +133,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     const image = blockTarget.image;
     if (!image) throw new SaveTargetError('stream ended before its RAM block list');
     const summary = writer.summary();
+    const stateLength = summary.leaderLength + summary.deviceStateLength;
     await image.writeVmState(
       0,
       encodeSnapshotHeader({
@@ -126,9 +141,14 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
         dataPages: summary.dataPages,
         ramSectionOffset: summary.ramSectionOffset,
         leaderLength: summary.leaderLength,
-        stateLength: summary.leaderLength + summary.deviceStateLength,
+        stateLength,
       }),
     );
+    if (blockTarget.tracker) {
+      const chunks = await blockTarget.tracker.finish();
+      const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
+      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
+    }
     await image.flush({ sync: true });
     await image.close();
     blockTarget.image = null;
@@ -139,6 +159,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   } finally {
     clearInterval(watch);
     opts.signal?.removeEventListener('abort', onAbort);
+    await digester?.close();
     if (!ok) {
       gate.destroy();
       // Assigned in a callback: TypeScript's narrowing cannot see it.

@@ -6,6 +6,8 @@ import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import type { ConfigurationRecord, MigrationRecord, RamBlockInfo, SectionStartRecord } from '../migration/records';
 import { QemuSnapError } from '../errors';
+import * as zlib from 'node:zlib';
+import { decodeDigestHeader, decodeDigestTable, DigestMismatchError, DigestTable, DIGEST_HEADER_SIZE } from './digests';
 import { Token, RamFlag } from '../migration/constants';
 import { decodeSnapshotHeader, layoutRamBlocks, RamBlockLayout, SnapshotFormatError, SnapshotHeader, VMSTATE_HEADER_SIZE } from './layout';
 
@@ -26,6 +28,8 @@ export interface SnapshotContents {
   configuration: ConfigurationRecord | null;
   vmdescription: unknown;
   virtualSize: number;
+  /** RAM digests, when the image has the extension. */
+  digests: DigestTable | null;
 }
 
 /** Largest leader + device state we agree to hold in memory. */
@@ -54,6 +58,7 @@ async function readContents(path: string, image: Qcow2Image): Promise<SnapshotCo
     throw new SnapshotFormatError(path, `STVM header: state length ${header.stateLength} reaches past the written VM state area (${written} bytes allocated)`);
   }
   const state = await image.readVmState(VMSTATE_HEADER_SIZE, header.stateLength);
+  const digests = await readDigests(path, image, want, state);
   const leader = state.subarray(0, header.leaderLength);
   const deviceState = state.subarray(header.leaderLength);
 
@@ -107,7 +112,23 @@ async function readContents(path: string, image: Qcow2Image): Promise<SnapshotCo
     configuration,
     vmdescription,
     virtualSize,
+    digests,
   };
+}
+
+/** The RAM digest extension after the state, checked against the state it covers; null when absent. */
+async function readDigests(path: string, image: Qcow2Image, at: number, state: Buffer): Promise<DigestTable | null> {
+  const hdr = decodeDigestHeader(path, await image.readVmState(at, DIGEST_HEADER_SIZE));
+  if (!hdr) return null;
+  const expected = Math.ceil(image.virtualSize / hdr.chunkSize);
+  if (hdr.chunkCount !== expected) {
+    throw new DigestMismatchError(`${path}: the RAM digest extension covers ${hdr.chunkCount} chunks, the disk has ${expected}`);
+  }
+  const table = decodeDigestTable(path, hdr, await image.readVmState(at + DIGEST_HEADER_SIZE, hdr.chunkCount * 4));
+  if (zlib.crc32(state) !== table.stateCrc) {
+    throw new DigestMismatchError(`${path}: the leader or device state in the VM state area is damaged (checksum mismatch)`);
+  }
+  return table;
 }
 
 /** SECTION_END of the ram section with nothing but EOS, and its footer. */

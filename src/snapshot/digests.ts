@@ -1,0 +1,133 @@
+// RAM digests: our versioned extension after the device state in the VM
+// state area (DESIGN.md). The virtual disk is cut into chunks; each chunk's
+// digest is the CRC-32 of its bytes as the image reads them (holes as
+// zeros). Save computes them while the stream is still coming in; load and
+// verify recompute and compare.
+//
+// Extension layout (big-endian), at VM state offset 28 + stateLength:
+//   be32 magic "QSDG", be16 version (1), be16 header length (32),
+//   be32 chunk size, be32 chunk count, be32 CRC-32 of leader + device state,
+//   be32 CRC-32 of the digest table, be64 reserved (0),
+//   then one be32 CRC-32 per chunk.
+import * as path from 'node:path';
+import * as zlib from 'node:zlib';
+import { Worker } from 'node:worker_threads';
+import { QemuSnapError } from '../errors';
+
+export const DIGEST_MAGIC = 0x51534447; // "QSDG"
+export const DIGEST_VERSION = 1;
+export const DIGEST_HEADER_SIZE = 32;
+export const DIGEST_CHUNK_SIZE = 1 << 20;
+export class DigestMismatchError extends QemuSnapError {}
+
+export interface DigestTable {
+  chunkSize: number;
+  stateCrc: number;
+  chunks: Uint32Array;
+}
+
+export function encodeDigestTable(t: DigestTable): Buffer {
+  const b = Buffer.alloc(DIGEST_HEADER_SIZE + 4 * t.chunks.length);
+  for (let i = 0; i < t.chunks.length; i++) b.writeUInt32BE(t.chunks[i], DIGEST_HEADER_SIZE + 4 * i);
+  b.writeUInt32BE(DIGEST_MAGIC, 0);
+  b.writeUInt16BE(DIGEST_VERSION, 4);
+  b.writeUInt16BE(DIGEST_HEADER_SIZE, 6);
+  b.writeUInt32BE(t.chunkSize, 8);
+  b.writeUInt32BE(t.chunks.length, 12);
+  b.writeUInt32BE(t.stateCrc, 16);
+  b.writeUInt32BE(zlib.crc32(b.subarray(DIGEST_HEADER_SIZE)), 20);
+  return b;
+}
+
+/**
+ * Reads the extension header; `null` when there is none (an image written
+ * before digests existed, or by another tool), which still loads.
+ * Returns the table length to read next.
+ */
+export function decodeDigestHeader(where: string, b: Buffer): { chunkSize: number; chunkCount: number; stateCrc: number; tableCrc: number } | null {
+  if (b.length < DIGEST_HEADER_SIZE || b.readUInt32BE(0) !== DIGEST_MAGIC) return null;
+  const version = b.readUInt16BE(4);
+  if (version !== DIGEST_VERSION) return null; // a newer extension we do not know: ignore it, as promised
+  const headerLength = b.readUInt16BE(6);
+  const chunkSize = b.readUInt32BE(8);
+  const chunkCount = b.readUInt32BE(12);
+  if (headerLength !== DIGEST_HEADER_SIZE || chunkSize < 4096 || (chunkSize & (chunkSize - 1)) !== 0) {
+    throw new DigestMismatchError(`${where}: damaged RAM digest extension (header length ${headerLength}, chunk size ${chunkSize}, ${chunkCount} chunks)`);
+  }
+  return { chunkSize, chunkCount, stateCrc: b.readUInt32BE(16), tableCrc: b.readUInt32BE(20) };
+}
+
+export function decodeDigestTable(where: string, hdr: { chunkSize: number; chunkCount: number; stateCrc: number; tableCrc: number }, table: Buffer): DigestTable {
+  if (table.length !== hdr.chunkCount * 4 || zlib.crc32(table) !== hdr.tableCrc) {
+    throw new DigestMismatchError(`${where}: the RAM digest table is damaged (its own checksum does not match)`);
+  }
+  const chunks = new Uint32Array(hdr.chunkCount);
+  for (let i = 0; i < hdr.chunkCount; i++) chunks[i] = table.readUInt32BE(4 * i);
+  return { chunkSize: hdr.chunkSize, stateCrc: hdr.stateCrc, chunks };
+}
+
+/** CRC-32 of `length` zero bytes, cached: what an unallocated chunk must have. */
+const zeroCrcs = new Map<number, number>();
+export function zeroChunkCrc(length: number): number {
+  let c = zeroCrcs.get(length);
+  if (c === undefined) {
+    c = zlib.crc32(Buffer.alloc(length));
+    zeroCrcs.set(length, c);
+  }
+  return c;
+}
+
+export interface ChunkDigest {
+  crc: number;
+  /** Pages of the chunk that are not all zero. */
+  dataPages: number;
+}
+
+/** CRC-32 (and data-page count) of buffers, computed by a worker thread. */
+export class ChunkDigester {
+  private readonly worker: Worker;
+  private nextId = 0;
+  private readonly waiting = new Map<number, { resolve: (d: ChunkDigest) => void; reject: (e: Error) => void }>();
+  private failed: Error | null = null;
+
+  constructor(private readonly pageSize: number) {
+    this.worker = new Worker(path.join(__dirname, 'digest-worker.js'));
+    this.worker.unref();
+    this.worker.on('message', (m: { id: number; crc: number; dataPages: number }) => {
+      const w = this.waiting.get(m.id);
+      this.waiting.delete(m.id);
+      w?.resolve({ crc: m.crc >>> 0, dataPages: m.dataPages });
+    });
+    this.worker.on('error', (err: Error) => this.fail(err));
+    this.worker.on('exit', (code) => {
+      if (this.waiting.size > 0) this.fail(new Error(`digest worker exited (code ${code})`));
+    });
+  }
+
+  /** Digests `data`, which the caller gives up: its memory moves to the worker when it can. */
+  digest(data: Buffer): Promise<ChunkDigest> {
+    if (this.failed) return Promise.reject(this.failed);
+    const id = this.nextId++;
+    const own = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && !(data.buffer instanceof SharedArrayBuffer);
+    const view = own ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
+    return new Promise<ChunkDigest>((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      this.worker.postMessage({ id, data: view, pageSize: this.pageSize }, [view.buffer as ArrayBuffer]);
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.worker.terminate();
+  }
+
+  private fail(err: Error): void {
+    this.failed = err;
+    for (const w of this.waiting.values()) w.reject(err);
+    this.waiting.clear();
+  }
+}
+
+/** Chunk i covers [i × chunkSize, min((i+1) × chunkSize, virtualSize)). */
+export function chunkCount(virtualSize: number, chunkSize = DIGEST_CHUNK_SIZE): number {
+  return Math.ceil(virtualSize / chunkSize);
+}
