@@ -1,0 +1,149 @@
+// The snapshot layer on synthetic streams: the last send of a page wins on
+// disk (data over data, zero over data), the data-page count is exact, the
+// image loads back into the same pages, and failures leave no file.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { Readable, Writable } from 'streamx';
+import { StreamBuilder, BLOCKS } from './synthetic-stream';
+import { saveSnapshot } from '../../src/snapshot/save';
+import { loadSnapshot } from '../../src/snapshot/load';
+import { openSnapshot } from '../../src/snapshot/snapshot-image';
+import { verifySnapshot } from '../../src/snapshot/verify';
+import { MigrationFramer } from '../../src/migration/framer';
+import type { MigrationRecord } from '../../src/migration/records';
+import { pumpAsync } from '../../src/util/pump';
+
+const PS = 4096;
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-snapshot-'));
+test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+async function rejects(p: Promise<unknown>, pattern?: RegExp): Promise<void> {
+  try {
+    await p;
+  } catch (err) {
+    if (pattern) assert.match((err as Error).message, pattern);
+    return;
+  }
+  assert.unreachable('expected a rejection');
+}
+
+function page(fill: number): Buffer {
+  return Buffer.alloc(PS, fill);
+}
+
+function nodeStream(buf: Buffer, chunk = 1000): NodeJS.ReadableStream {
+  const parts: Buffer[] = [];
+  for (let i = 0; i < buf.length; i += chunk) parts.push(buf.subarray(i, i + chunk));
+  return require('node:stream').Readable.from(parts) as NodeJS.ReadableStream;
+}
+
+/** A stream where pc.ram pages 0..3 are sent, then page 1 again with new data, page 2 again as zero. */
+function resendStream(): Buffer {
+  const b = new StreamBuilder().header().configuration();
+  b.sectionStart(2).memSize(BLOCKS).eos().footer(2);
+  b.sectionPart(2).page(0, 'pc.ram', page(1)).page(PS, null, page(2)).page(2 * PS, null, page(3)).page(3 * PS, null, page(4)).eos().footer(2);
+  b.sectionPart(2).page(PS, 'pc.ram', page(0x22)).zero(2 * PS, null).zero(5 * PS, null).page(0, '/rom@etc/acpi/tables', page(9)).eos().footer(2);
+  b.sectionEnd(2).zero(PS, '/rom@etc/acpi/tables').eos().footer(2);
+  b.device(3, 'timer', Buffer.from([1, 2, 3]));
+  b.eof().vmdesc({ page_size: PS, devices: [{ name: 'timer', instance_id: 0, version: 1 }] });
+  return b.build();
+}
+
+async function records(stream: Buffer): Promise<MigrationRecord[]> {
+  const out: MigrationRecord[] = [];
+  const sink = new Writable({ write(r: unknown, cb: (e: Error | null) => void) { out.push(r as MigrationRecord); cb(null); } });
+  await pumpAsync(Readable.from([stream]), new MigrationFramer(), sink);
+  return out;
+}
+
+test('the last send of a page wins on disk; the data-page count is exact', async () => {
+  const image = path.join(dir, 'resend.qcow2');
+  const r = await saveSnapshot(nodeStream(resendStream(), 777), image, { clusterSize: 64 << 10 });
+  assert.is(r.dataPages, 4, 'pages 0, 1, 3 of pc.ram and page 0 of the ROM');
+  assert.is(r.pageRecords, 6);
+  assert.is(r.zeroRecords, 3);
+  const out = execFileSync('qemu-img', ['check', image], { encoding: 'utf8' });
+  assert.match(out, /No errors were found/);
+  const snap = await openSnapshot(image);
+  try {
+    assert.ok((await snap.image.read(0, PS)).equals(page(1)));
+    assert.ok((await snap.image.read(PS, PS)).equals(page(0x22)), 'a re-sent page holds the newest data');
+    assert.ok((await snap.image.read(2 * PS, PS)).equals(page(0)), 'a page re-sent as zero reads back as zero');
+    assert.ok((await snap.image.read(3 * PS, PS)).equals(page(4)));
+    const rom = snap.blocks[1];
+    assert.is(rom.offset, 1 << 20, 'second block at the next 1 MiB boundary');
+    assert.ok((await snap.image.read(rom.offset, PS)).equals(page(9)));
+    assert.is(snap.header.dataPages, 4);
+  } finally {
+    await snap.image.close();
+  }
+  const v = await verifySnapshot(image);
+  assert.is(v.dataPages, 4);
+});
+
+test('load sends every page once, with the final content', async () => {
+  const image = path.join(dir, 'roundtrip.qcow2');
+  await saveSnapshot(nodeStream(resendStream()), image, {});
+  const outFile = path.join(dir, 'roundtrip.stream');
+  const r = await loadSnapshot(image, { output: outFile });
+  assert.is(r.dataPagesSent, 4);
+  assert.is(r.dataPagesSent + r.zeroPagesSent, (BLOCKS[0].length + BLOCKS[1].length) / PS);
+  const recs = await records(fs.readFileSync(outFile));
+  const pages = new Map<string, Buffer | null>();
+  for (const rec of recs) {
+    if (rec.type === 'ram-page' || rec.type === 'ram-zero') {
+      const key = `${rec.block.id}@${rec.address}`;
+      assert.not.ok(pages.has(key), `${key} sent once`);
+      pages.set(key, rec.type === 'ram-page' ? rec.data : null);
+    }
+  }
+  assert.ok(pages.get(`pc.ram@${PS}`)?.equals(page(0x22)));
+  assert.is(pages.get(`pc.ram@${2 * PS}`), null);
+  assert.ok(pages.get('/rom@etc/acpi/tables@0')?.equals(page(9)));
+  assert.is(recs[recs.length - 1].type, 'vmdescription', 'device state, EOF and VMDESCRIPTION close the stream');
+});
+
+test('failures leave no file: truncated stream, existing image, bad stream', async () => {
+  const sub = fs.mkdtempSync(path.join(dir, 'fail-'));
+  const whole = resendStream();
+  for (const cut of [10, 60, 200, whole.length - 20]) {
+    await rejects(saveSnapshot(nodeStream(whole.subarray(0, cut)), path.join(sub, 'x.qcow2')));
+    assert.equal(fs.readdirSync(sub), [], `nothing left after a cut at ${cut}`);
+  }
+  const bad = Buffer.from(whole);
+  bad[0] = 0;
+  await rejects(saveSnapshot(nodeStream(bad), path.join(sub, 'x.qcow2')));
+  assert.equal(fs.readdirSync(sub), []);
+  fs.writeFileSync(path.join(sub, 'x.qcow2'), 'precious');
+  await rejects(saveSnapshot(nodeStream(whole), path.join(sub, 'x.qcow2')), /already exists/);
+  assert.is(fs.readFileSync(path.join(sub, 'x.qcow2'), 'utf8'), 'precious');
+  assert.equal(fs.readdirSync(sub), ['x.qcow2']);
+  const ac = new AbortController();
+  const slow = new (require('node:stream').PassThrough)() as NodeJS.ReadWriteStream;
+  slow.write(whole.subarray(0, 300));
+  const p = saveSnapshot(slow, path.join(sub, 'y.qcow2'), { signal: ac.signal });
+  setTimeout(() => ac.abort('SIGTERM'), 50);
+  await rejects(p, /interrupted/);
+  assert.equal(fs.readdirSync(sub), ['x.qcow2'], 'an interrupted save leaves nothing');
+});
+
+test('a damaged data cluster is caught by load and verify', async () => {
+  const image = path.join(dir, 'damaged.qcow2');
+  await saveSnapshot(nodeStream(resendStream()), image, { clusterSize: 64 << 10 });
+  const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', image], { encoding: 'utf8' })) as Array<{ start: number; data: boolean; offset?: number }>;
+  const first = map.find((e) => e.data && e.offset !== undefined);
+  assert.ok(first);
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, Buffer.from([0xee]), 0, 1, (first.offset as number) + 100);
+  fs.closeSync(fd);
+  await rejects(verifySnapshot(image), /digest mismatch in block pc.ram/);
+  await rejects(loadSnapshot(image, { output: path.join(dir, 'damaged.stream') }), /digest mismatch/);
+  const unchecked = await loadSnapshot(image, { output: path.join(dir, 'damaged.stream'), verify: false });
+  assert.is(unchecked.dataPagesSent, 4);
+});
+
+test.run();
