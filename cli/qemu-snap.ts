@@ -9,6 +9,10 @@ import { ProgressLine } from '../src/util/progress';
 import { saveSnapshot } from '../src/snapshot/save';
 import { describeFile, formatInfo } from '../src/snapshot/info';
 import { loadSnapshot } from '../src/snapshot/load';
+import { FdReader, isPipe } from '../src/util/fd-stream';
+
+// A piped stdin is read on a worker thread (see fd-stream.ts); QEMU_SNAP_PIPE_THREAD=0 turns that off.
+const pipeThread = process.env.QEMU_SNAP_PIPE_THREAD !== '0';
 import { verifySnapshot } from '../src/snapshot/verify';
 import { FdReader, FdWriter, isPipe } from '../src/util/fd-stream';
 
@@ -191,6 +195,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
     postcopy = Number(pctArg);
   }
   const outputPath = oneString(args.output, '--output');
+  if (outputPath === undefined && process.stdout.isTTY) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
