@@ -3,24 +3,21 @@
 // restore it, describe it. A thin layer over the library: argument parsing,
 // exit codes (0 ok, 1 runtime failure, 2 usage), progress and one-line errors.
 import minimist from 'minimist';
+import { isatty } from 'node:tty';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
 import { ProgressLine } from '../src/util/progress';
 import { saveSnapshot } from '../src/snapshot/save';
 import { describeFile, formatInfo } from '../src/snapshot/info';
 import { loadSnapshot } from '../src/snapshot/load';
+import { verifySnapshot } from '../src/snapshot/verify';
 import { FdReader, isPipe } from '../src/util/fd-stream';
 
 // A piped stdin is read on a worker thread (see fd-stream.ts); QEMU_SNAP_PIPE_THREAD=0 turns that off.
 const pipeThread = process.env.QEMU_SNAP_PIPE_THREAD !== '0';
-import { verifySnapshot } from '../src/snapshot/verify';
-import { FdReader, FdWriter, isPipe } from '../src/util/fd-stream';
 
-// Pipes are read and written on a worker thread (see fd-stream.ts); QEMU_SNAP_PIPE_THREAD=0 turns that off.
-const pipeThread = process.env.QEMU_SNAP_PIPE_THREAD !== '0';
-
-// process.stdout is created on first use, and for a pipe that makes fd 1
-// non-blocking, which the writer thread must not see: touch it only through here.
+// process.stdout is created on first use (for a pipe that also makes fd 1
+// non-blocking): create it, and its error handler, only when needed.
 let stdoutUsed = false;
 function stdout(): NodeJS.WriteStream {
   if (!stdoutUsed) {
@@ -195,13 +192,13 @@ async function cmdLoad(argv: string[]): Promise<void> {
     postcopy = Number(pctArg);
   }
   const outputPath = oneString(args.output, '--output');
-  if (outputPath === undefined && process.stdout.isTTY) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
+  if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
     const r = await loadSnapshot(image, {
       output: outputPath,
-      stdout: outputPath !== undefined ? undefined : pipeThread && isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
+      stdout: outputPath !== undefined ? undefined : stdout(),
       pageSize,
       maxInFlight,
       postcopy,
