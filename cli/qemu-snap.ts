@@ -3,6 +3,7 @@
 // restore it, describe it. A thin layer over the library: argument parsing,
 // exit codes (0 ok, 1 runtime failure, 2 usage), progress and one-line errors.
 import minimist from 'minimist';
+import { readFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
@@ -23,6 +24,9 @@ function stdout(): NodeJS.WriteStream {
   if (!stdoutUsed) {
     stdoutUsed = true;
     process.stdout.on('error', (err) => {
+      // Not a system error: the pipeline tore stdout down after its own
+      // failure (an interrupt, a bad image), which main() reports.
+      if (!/^E[A-Z0-9]+$/.test(String((err as NodeJS.ErrnoException).code))) return;
       // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
       process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
       process.exit(1);
@@ -295,12 +299,27 @@ main(process.argv.slice(2)).then(
   (err) => flushAndExit(report(err)),
 );
 
+// VmHWM, not getrusage: ru_maxrss survives exec, so under QEMU's exec: it
+// reports the resident size of the QEMU process that forked us.
+function peakRssKiB(): number {
+  try {
+    const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync('/proc/self/status', 'utf8'));
+    if (m) return Number(m[1]);
+  } catch {
+    // not Linux: fall back
+  }
+  return process.resourceUsage().maxRSS;
+}
+
 function flushAndExit(code: number): void {
   if (wantStats) {
-    const line = { ...stats, code, ms: Math.round(performance.now() - startedAt), maxRssKiB: process.resourceUsage().maxRSS };
+    const line = { ...stats, code, ms: Math.round(performance.now() - startedAt), maxRssKiB: peakRssKiB() };
     process.stderr.write(`qemu-snap-stats: ${JSON.stringify(line)}\n`);
   }
   const done = () => process.exit(code);
-  if (stdoutUsed && process.stdout.writableLength > 0) process.stdout.once('drain', done);
+  // Only a success owes the reader its last bytes: after a failure (an
+  // interrupt while the reader stalls) waiting for a drain could be forever,
+  // and a destroyed stdout never drains.
+  if (code === 0 && stdoutUsed && !process.stdout.destroyed && process.stdout.writableLength > 0) process.stdout.once('drain', done);
   else setImmediate(done);
 }
