@@ -13,6 +13,7 @@
 // The e2e suite test/e2e/reliability-mutate.test.ts runs a few hundred cases
 // through the same functions.
 import * as fs from 'node:fs';
+import { prng } from '../test/prng';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';
@@ -26,17 +27,7 @@ import type { MigrationRecord } from '../src/migration/records';
 
 export type Rng = () => number;
 
-/** mulberry32: small, fast, reproducible from a seed. */
-export function makeRng(seed: number): Rng {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const makeRng: (seed: number) => Rng = prng;
 
 const int = (rng: Rng, n: number): number => Math.floor(rng() * n);
 const pick = <T>(rng: Rng, xs: readonly T[]): T => xs[int(rng, xs.length)];

@@ -129,17 +129,7 @@ export function frame(input: Buffer, chunkSizes: number[] | ((i: number) => numb
   });
 }
 
-/** A deterministic PRNG (mulberry32) for reproducible chunkings. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from '../prng';
 
 // ---- real QEMU streams (for identity tests and the benchmark) ----
 
