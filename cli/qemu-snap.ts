@@ -12,10 +12,6 @@ import { saveSnapshot } from '../src/snapshot/save';
 import { describeFile, formatInfo } from '../src/snapshot/info';
 import { loadSnapshot } from '../src/snapshot/load';
 import { verifySnapshot } from '../src/snapshot/verify';
-import { FdReader, isPipe } from '../src/util/fd-stream';
-
-// A piped stdin is read on a worker thread (see fd-stream.ts); QEMU_SNAP_PIPE_THREAD=0 turns that off.
-const pipeThread = process.env.QEMU_SNAP_PIPE_THREAD !== '0';
 
 // process.stdout is created on first use (for a pipe that also makes fd 1
 // non-blocking): create it, and its error handler, only when needed.
@@ -148,12 +144,7 @@ async function cmdSave(argv: string[]): Promise<void> {
   }
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
   const inputPath = oneString(args.input, '--input');
-  const fromStdin = inputPath === undefined || inputPath === '-';
-  const input: NodeJS.ReadableStream = fromStdin
-    ? pipeThread && isPipe(0)
-      ? (new FdReader(0) as unknown as NodeJS.ReadableStream)
-      : process.stdin
-    : (await import('node:fs')).createReadStream(inputPath, { highWaterMark: 1 << 20 });
+  const input = inputPath === undefined || inputPath === '-' ? process.stdin : (await import('node:fs')).createReadStream(inputPath, { highWaterMark: 1 << 20 });
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
