@@ -173,12 +173,17 @@ export function ratioRow(what: string, ours: number, oursText: string, theirs: n
   return { what, ours: oursText, versus: theirsText, ratio, target: targetText, met };
 }
 
+/** A pipe inside a cell (`cat | cat`) would end it. */
+function cell(text: string): string {
+  return text.replace(/\|/g, '\\|');
+}
+
 export function formatTable(rows: Row[]): string {
   const head = '| measure | qemu-snap | compared with | ratio | target | met |\n|---|---|---|---|---|---|\n';
   return (
     head +
     rows
-      .map((r) => `| ${r.what} | ${r.ours} | ${r.versus} | ${r.ratio === null ? '' : r.ratio.toFixed(2)} | ${r.target} | ${r.met === null ? '' : r.met ? 'yes' : '**no**'} |`)
+      .map((r) => `| ${cell(r.what)} | ${cell(r.ours)} | ${cell(r.versus)} | ${r.ratio === null ? '' : r.ratio.toFixed(2)} | ${r.target} | ${r.met === null ? '' : r.met ? 'yes' : '**no**'} |`)
       .join('\n') +
     '\n'
   );
