@@ -114,6 +114,11 @@ export class OrderedBlockReader extends Readable {
   }
 
   /** Urgent requests accepted and not yet emitted. */
+  /** True once the stream has pushed its end: urgent() would throw. */
+  get exhausted(): boolean {
+    return this.ended;
+  }
+
   get urgentPending(): number {
     return this.urgentQueue.length;
   }

@@ -310,6 +310,9 @@ function requestPages(
   }
   for (const run of runs) {
     if (!requested.has(run.offset)) requested.set(run.offset, t0);
+    // Once the reader has ended, every page is already on its way to the
+    // encoder (emitted, not yet encoded): the request is served by that.
+    if (reader.destroyed || reader.exhausted) return;
     reader.urgent({ offset: run.offset, length: run.length, hole: !run.allocated, tag: index });
   }
 }

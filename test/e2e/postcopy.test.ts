@@ -54,6 +54,32 @@ test('--postcopy 0', () => restorePostcopy(pausedImage, 0, pausedDump, true));
 // page in; QEMU 7.2 then cannot take LISTEN, and the load ends as precopy.
 test('--postcopy 100', () => restorePostcopy(pausedImage, 100, pausedDump, false));
 
+test('pages the destination touches while in postcopy are served on request', async () => {
+  const dst = await startVm({ machine: 'pc', memMiB: MEM_MIB, paused: true, incoming: 'defer', name: 'postcopy-faults' });
+  const during = path.join(dir, 'during.mem');
+  const after = path.join(dir, 'after.mem');
+  const stats = path.join(dir, 'stats.txt');
+  try {
+    await dst.migrateIncoming(snapExec(`load -q --postcopy 0 ${shellQuote(pausedImage)} 2>${shellQuote(stats)}`).replace(/^exec:/, 'exec:QEMU_SNAP_STATS=1 '), { 'postcopy-ram': true });
+    await dst.waitForMigrationStatus('postcopy-active', 60_000);
+    // pmemsave reads all of guest RAM: every page not yet received faults
+    // and is requested over the return path.
+    await dst.pmemsave(during, MEM_MIB << 20);
+    await dst.waitForMigrationStatus('completed', 120_000);
+    await dst.pmemsave(after, MEM_MIB << 20);
+  } finally {
+    await dst.stop();
+  }
+  assert.is(memoryDifference(pausedDump, during, false), null, 'what the guest saw during postcopy');
+  assert.is(memoryDifference(pausedDump, after, false), null);
+  const line = fs.readFileSync(stats, 'utf8').split('\n').find((l) => l.startsWith('qemu-snap-stats: '));
+  assert.ok(line, 'stats line');
+  const st = JSON.parse(line.slice('qemu-snap-stats: '.length)) as { requests?: { count: number } };
+  assert.ok((st.requests?.count ?? 0) > 0, `page requests were served: ${line}`);
+  fs.unlinkSync(during);
+  fs.unlinkSync(after);
+});
+
 test('--postcopy 10 from a running source: the VM runs after', async () => {
   const image = path.join(dir, 'running.qcow2');
   const dump = path.join(dir, 'running.mem');
