@@ -12,6 +12,7 @@ import { saveSnapshot } from '../src/snapshot/save';
 import { describeFile, formatInfo } from '../src/snapshot/info';
 import { loadSnapshot } from '../src/snapshot/load';
 import { verifySnapshot } from '../src/snapshot/verify';
+import { FdWriter, isPipe } from '../src/util/fd-writer';
 
 // process.stdout is created on first use (for a pipe that also makes fd 1
 // non-blocking): create it, and its error handler, only when needed.
@@ -193,7 +194,8 @@ async function cmdLoad(argv: string[]): Promise<void> {
   try {
     const r = await loadSnapshot(image, {
       output: outputPath,
-      stdout: outputPath !== undefined ? undefined : stdout(),
+      // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
+      stdout: outputPath !== undefined ? undefined : isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
       pageSize,
       maxInFlight,
       postcopy,

@@ -1,0 +1,55 @@
+// Writing a pipe from libuv's thread pool. process.stdout writes pipes
+// synchronously on Linux: each 1 MiB chunk blocks the main thread until the
+// reader has taken it, so encoding and writing never overlap. Here the
+// write(2) runs in the pool while the main thread prepares the next chunks;
+// queued chunks go out together in one writev(2). One call at a time: two
+// writes in flight to one pipe could interleave.
+import * as fs from 'node:fs';
+import { Writable } from 'streamx';
+import { QemuSnapError } from '../errors';
+
+export class FdWriteError extends QemuSnapError {
+  constructor(readonly fd: number, readonly code: string, detail: string) {
+    super(code === 'EPIPE' ? `fd ${fd}: the reader closed the pipe (EPIPE)` : `fd ${fd}: ${detail}`);
+  }
+}
+
+/** True when `fd` is a pipe (FIFO). */
+export function isPipe(fd: number): boolean {
+  try {
+    return fs.fstatSync(fd).isFIFO();
+  } catch {
+    return false;
+  }
+}
+
+export class FdWriter extends Writable {
+  bytesWritten = 0;
+
+  constructor(readonly fd: number) {
+    super({ highWaterMark: 2 << 20, byteLength: (b: unknown) => (b as Buffer).length });
+  }
+
+  override _writev(batch: unknown[], cb: (err: Error | null) => void): void {
+    this.writeAll(batch as Buffer[], cb);
+  }
+
+  private writeAll(bufs: Buffer[], cb: (err: Error | null) => void): void {
+    fs.writev(this.fd, bufs, null, (err, n) => {
+      if (err) {
+        // A non-blocking pipe that is full: try again shortly.
+        if (err.code === 'EAGAIN') return void setTimeout(() => this.writeAll(bufs, cb), 1);
+        return cb(new FdWriteError(this.fd, err.code ?? 'EIO', err.message));
+      }
+      this.bytesWritten += n;
+      // Partial write: drop what went out and write the rest.
+      let rest = n;
+      let i = 0;
+      while (i < bufs.length && rest >= bufs[i].length) rest -= bufs[i++].length;
+      if (i === bufs.length) return cb(null);
+      const left = bufs.slice(i);
+      left[0] = left[0].subarray(rest);
+      this.writeAll(left, cb);
+    });
+  }
+}
