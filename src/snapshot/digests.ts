@@ -93,10 +93,14 @@ export class ChunkDigester {
   constructor(private readonly pageSize: number) {
     this.worker = new Worker(path.join(__dirname, 'digest-worker.js'));
     this.worker.unref();
-    this.worker.on('message', (m: { id: number; crc: number; dataPages: number }) => {
-      const w = this.waiting.get(m.id);
-      this.waiting.delete(m.id);
-      w?.resolve({ crc: m.crc >>> 0, dataPages: m.dataPages });
+    this.worker.on('message', (m: { id?: number; chunk?: number; crc: number; dataPages?: number }) => {
+      if (m.chunk !== undefined) {
+        this.onPieceCrc?.(m.chunk, m.crc >>> 0);
+        return;
+      }
+      const w = this.waiting.get(m.id as number);
+      this.waiting.delete(m.id as number);
+      w?.resolve({ crc: m.crc >>> 0, dataPages: m.dataPages ?? 0 });
     });
     this.worker.on('error', (err: Error) => this.fail(err));
     this.worker.on('exit', (code) => {
@@ -112,8 +116,35 @@ export class ChunkDigester {
     const view = own ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
     return new Promise<ChunkDigest>((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      this.worker.postMessage({ id, data: view, pageSize: this.pageSize }, [view.buffer as ArrayBuffer]);
+      this.worker.postMessage({ kind: 'whole', id, data: view, pageSize: this.pageSize }, [view.buffer as ArrayBuffer]);
     });
+  }
+
+  /** Receives the CRC of each chunk fed with piece(); set by the one user of pieces. */
+  onPieceCrc: ((chunk: number, crc: number) => void) | null = null;
+
+  /**
+   * Adds to chunk `chunk`'s CRC: bytes [start, end) of `data` (whose memory
+   * moves to the worker when `give` is set and it owns it), then `zeros`
+   * zero bytes. `final` closes the chunk: its CRC comes to onPieceCrc.
+   */
+  piece(chunk: number, data: Buffer | null, start: number, end: number, zeros: number, final: boolean, give: boolean): void {
+    if (this.failed) return;
+    let view: Uint8Array | null = null;
+    let offset = start;
+    let transfer: ArrayBuffer[] = [];
+    if (data) {
+      const own = give && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && !(data.buffer instanceof SharedArrayBuffer);
+      if (own) {
+        view = new Uint8Array(data.buffer, 0, data.byteLength);
+        transfer = [data.buffer as ArrayBuffer];
+      } else {
+        view = new Uint8Array(data.subarray(start, end));
+        offset = 0;
+      }
+    }
+    const len = end - start;
+    this.worker.postMessage({ kind: 'piece', chunk, data: view, start: offset, end: offset + len, zeros, final }, transfer);
   }
 
   async close(): Promise<void> {

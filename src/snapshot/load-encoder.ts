@@ -32,6 +32,8 @@ export interface LoadEncoderOptions {
   interject?: () => Buffer[] | null;
   /** Flush output after every range (postcopy: requested pages must not wait in a chunk). */
   flushEachRange?: () => boolean;
+  /** Called after a background range went into the output; the read's buffer is the callee's. */
+  onBackgroundEncoded?: (read: BlockRead) => void;
   /** Called after an urgent range went into the output. */
   onUrgentSent?: (read: BlockRead) => void;
 }
@@ -117,6 +119,7 @@ export class LoadEncoder extends Transform {
         this.writer.flush();
       }
       if (read.urgent) this.opts.onUrgentSent?.(read);
+      else this.opts.onBackgroundEncoded?.(read);
       cb(null);
     } catch (err) {
       cb(err as Error);

@@ -25,7 +25,7 @@ import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { ChunkDigester } from './digests';
-import { verifyChunks } from './verify';
+import { StreamVerifier } from './verify';
 
 export class LoadError extends QemuSnapError {}
 
@@ -148,12 +148,12 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   let adviseAccepted: Promise<void> = Promise.resolve();
   // RAM is checked against the save's digests alongside the stream; the
   // device state (or EOF) that lets the destination finish waits for it.
-  let verified: Promise<void> | null = null;
+  let verifier: StreamVerifier | null = null;
   let digester: ChunkDigester | null = null;
   if (snap.digests && opts.verify !== false) {
     digester = new ChunkDigester(ps);
-    verified = verifyChunks(snap, digester, opts.signal).then(() => undefined);
-    verified.catch((err: Error) => reader.destroy(err));
+    verifier = new StreamVerifier(snap, digester);
+    verifier.finished.catch((err: Error) => reader.destroy(err));
   }
   const encoder: LoadEncoder = new LoadEncoder({
     blocks: snap.blocks,
@@ -161,7 +161,12 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     ramSectionId: snap.ramSection.sectionId,
     prefix,
     beforeFirstRange: () => adviseAccepted,
-    beforeSuffix: () => verified ?? Promise.resolve(),
+    beforeSuffix: () => {
+      if (!verifier) return Promise.resolve();
+      verifier.end();
+      return verifier.finished;
+    },
+    onBackgroundEncoded: (read) => verifier?.add(read.offset, read.length, read.data),
     suffix: () => (finishAsPrecopy ? [snap.deviceState] : [Buffer.from([Token.EOF])]),
     interject: () => {
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;

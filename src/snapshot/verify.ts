@@ -73,3 +73,114 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
     await snap.image.close().catch(() => undefined);
   }
 }
+
+/**
+ * Verifies RAM from the very reads the loader makes, instead of reading the
+ * image a second time: background reads come in plan order (ascending disk
+ * offsets, holes included), so each chunk's CRC is built piece by piece in
+ * the worker; bytes the plan does not cover (padding after a block) are
+ * zeros. Each read buffer is handed to the worker once the encoder has
+ * copied its pages out.
+ */
+export class StreamVerifier {
+  private readonly cs: number;
+  private chunk = -1;
+  /** Chunks below this were closed or checked. */
+  private nextChunk = 0;
+  /** Bytes of the current chunk accounted for so far. */
+  private pos = 0;
+  private pending = 0;
+  private ended = false;
+  private error: Error | null = null;
+  private done: (() => void) | null = null;
+  private fail: ((err: Error) => void) | null = null;
+  readonly finished: Promise<void>;
+
+  constructor(private readonly snap: SnapshotContents, private readonly digester: ChunkDigester) {
+    if (!snap.digests) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
+    this.cs = snap.digests.chunkSize;
+    this.finished = new Promise<void>((resolve, reject) => {
+      this.done = resolve;
+      this.fail = reject;
+    });
+    this.finished.catch(() => undefined);
+    digester.onPieceCrc = (c, crc) => this.check(c, crc);
+  }
+
+  /** One background read (data, or null for a hole), in plan order. */
+  add(offset: number, length: number, data: Buffer | null): void {
+    if (this.error) return;
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      const c = Math.floor(at / this.cs);
+      if (c !== this.chunk) this.moveTo(c);
+      const chunkStart = c * this.cs;
+      if (at - chunkStart > this.pos) this.zeros(at - chunkStart - this.pos);
+      const n = Math.min(end, chunkStart + this.chunkLength(c)) - at;
+      const last = at + n >= end;
+      const closes = at - chunkStart + n >= this.chunkLength(c);
+      if (!data && at === chunkStart && closes) {
+        // A whole chunk of hole: its CRC is known without hashing zeros.
+        this.check(c, zeroChunkCrc(n), false);
+        this.chunk = -1;
+        at += n;
+        continue;
+      }
+      if (closes) this.pending++;
+      if (data) this.digester.piece(c, data, at - offset, at - offset + n, 0, closes, last);
+      else this.digester.piece(c, null, 0, 0, n, closes, false);
+      this.pos = at - chunkStart + n;
+      if (closes) this.chunk = -1;
+      at += n;
+    }
+  }
+
+  /** The plan is exhausted: close the last chunk; `finished` settles when every CRC is checked. */
+  end(): void {
+    if (this.chunk >= 0) this.moveTo(-1);
+    this.skipTo(this.snap.digests?.chunks.length ?? 0);
+    this.ended = true;
+    this.settle();
+  }
+
+  private chunkLength(c: number): number {
+    return Math.min(this.cs, this.snap.image.virtualSize - c * this.cs);
+  }
+
+  /** Closes the open chunk with zeros up to its end. */
+  private moveTo(next: number): void {
+    if (this.chunk >= 0) {
+      this.pending++;
+      this.digester.piece(this.chunk, null, 0, 0, this.chunkLength(this.chunk) - this.pos, true, false);
+    }
+    if (next >= 0) this.skipTo(next);
+    this.chunk = next;
+    this.pos = 0;
+    if (next >= 0) this.nextChunk = next + 1;
+  }
+
+  /** Chunks no read touches must be all zeros on the disk and in the table. */
+  private skipTo(c: number): void {
+    for (; this.nextChunk < c; this.nextChunk++) this.check(this.nextChunk, zeroChunkCrc(this.chunkLength(this.nextChunk)), false);
+  }
+
+  private zeros(n: number): void {
+    this.digester.piece(this.chunk, null, 0, 0, n, false, false);
+    this.pos += n;
+  }
+
+  private check(c: number, crc: number, fromWorker = true): void {
+    if (fromWorker) this.pending--;
+    const table = this.snap.digests;
+    if (!this.error && table && crc !== table.chunks[c]) {
+      this.error = new DigestMismatchError(`${this.snap.path}: RAM digest mismatch ${where(this.snap, c * this.cs)} (chunk ${c}): the image is damaged`);
+      this.fail?.(this.error);
+    }
+    this.settle();
+  }
+
+  private settle(): void {
+    if (this.ended && this.pending === 0 && !this.error) this.done?.();
+  }
+}
