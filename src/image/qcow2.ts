@@ -397,6 +397,16 @@ export class Qcow2Image {
     if (opts.sync) await this.fh.sync();
   }
 
+  /**
+   * Starts writing data already written back to the disk (fdatasync), with
+   * no metadata flush: a long writer calls it now and then so that the final
+   * flush({ sync: true }) has little left to wait for.
+   */
+  async writeback(): Promise<void> {
+    this.checkOpen();
+    if (this.writable) await this.fh.datasync();
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     try {

@@ -24,6 +24,9 @@ import * as zlib from 'node:zlib';
 
 export class SaveTargetError extends QemuSnapError {}
 
+/** Data written between two background fdatasync calls. */
+const WRITEBACK_BYTES = 64 << 20;
+
 export interface SaveOptions {
   clusterSize?: number;
   /** Page size when the stream does not say (default 4096). */
@@ -56,6 +59,23 @@ export interface SaveResult extends SnapshotSummary {
 class ImageBlockTarget implements BlockWriteTarget {
   image: Qcow2Image | null = null;
   tracker: ChunkTracker | null = null;
+  private unsynced = 0;
+  private syncing = false;
+
+  /**
+   * The final fsync would wait for every byte still dirty in the page cache:
+   * push data to the disk in the background as it accumulates instead.
+   */
+  private writeback(image: Qcow2Image, length: number): void {
+    this.unsynced += length;
+    if (this.syncing || this.unsynced < WRITEBACK_BYTES) return;
+    this.syncing = true;
+    this.unsynced = 0;
+    image.writeback().then(
+      () => (this.syncing = false),
+      () => (this.syncing = false), // the final flush reports real errors
+    );
+  }
 
   writev(offset: number, buffers: Buffer[]): Promise<void> {
     const image = this.image;
@@ -65,9 +85,10 @@ class ImageBlockTarget implements BlockWriteTarget {
       return image.writeVmState(offset - image.vmStateOffset, data);
     }
     const tracker = this.tracker;
-    if (!tracker) return image.writev(offset, buffers);
     let length = 0;
     for (const b of buffers) length += b.length;
+    this.writeback(image, length);
+    if (!tracker) return image.writev(offset, buffers);
     tracker.writeStarted(offset, length);
     return image.writev(offset, buffers).then(() => tracker.writeDone(offset, length));
   }

@@ -1,0 +1,120 @@
+// Reading a pipe on a worker thread. Node reads a pipe on the main thread
+// in 64 KiB pieces, so the syscalls serialise with the parsing and every
+// piece costs a trip through the streams. A worker doing blocking reads
+// gathers them into 1 MiB chunks (transferred, not copied) while the main
+// thread parses the previous ones.
+import { Worker } from 'node:worker_threads';
+import { Readable } from 'streamx';
+import { QemuSnapError } from '../errors';
+
+/** Reading the fd failed (an error other than EAGAIN); `code` is the errno name. */
+export class FdStreamError extends QemuSnapError {
+  constructor(readonly fd: number, readonly code: string, detail: string) {
+    super(`fd ${fd}: ${detail}`);
+  }
+}
+
+// The worker loops on blocking reads. It sends a chunk when it is full, or
+// as soon as a read returns less than a full pipe: the peer has nothing
+// more right now (a source waiting for SHUT must see its tail processed).
+// credits[0] counts the chunks it may still send before main asks for more.
+const READER_SRC = `
+const { parentPort, workerData } = require('node:worker_threads');
+const fs = require('node:fs');
+const { fd, chunkSize, credits } = workerData;
+const PIPE_BUF_FULL = 65536;
+const pause = new Int32Array(new SharedArrayBuffer(4));
+let backoff = 0.02;
+let buf = Buffer.allocUnsafeSlow(chunkSize);
+let len = 0;
+const send = () => {
+  Atomics.sub(credits, 0, 1);
+  const ab = buf.buffer;
+  parentPort.postMessage({ ab, len }, [ab]);
+  buf = Buffer.allocUnsafeSlow(chunkSize);
+  len = 0;
+};
+for (;;) {
+  for (let c = Atomics.load(credits, 0); c <= 0; c = Atomics.load(credits, 0)) Atomics.wait(credits, 0, c);
+  let n;
+  try {
+    n = fs.readSync(fd, buf, len, chunkSize - len, null);
+  } catch (e) {
+    if (e.code === 'EAGAIN') { Atomics.wait(pause, 0, 0, backoff); backoff = Math.min(1, backoff * 2); continue; }
+    if (len > 0) send();
+    parentPort.postMessage({ error: e.message, code: e.code || 'EIO' });
+    break;
+  }
+  backoff = 0.02;
+  if (n === 0) {
+    if (len > 0) send();
+    parentPort.postMessage({ eof: true });
+    break;
+  }
+  len += n;
+  if (len === chunkSize || n < PIPE_BUF_FULL) send();
+}
+`;
+
+export interface FdReaderOptions {
+  /** Largest chunk handed out (default 1 MiB). */
+  chunkSize?: number;
+  /** Chunks the worker may read ahead of the consumer (default 8). */
+  readAhead?: number;
+}
+
+/** A readable of an fd's bytes (stdin: fd 0), read by a worker thread. */
+export class FdReader extends Readable {
+  private readonly worker: Worker;
+  private readonly credits: Int32Array;
+  private owed = 0;
+  private done = false;
+
+  constructor(readonly fd: number, opts: FdReaderOptions = {}) {
+    const chunkSize = opts.chunkSize ?? 1 << 20;
+    super({ highWaterMark: chunkSize * 2 });
+    this.credits = new Int32Array(new SharedArrayBuffer(4));
+    this.credits[0] = opts.readAhead ?? 8;
+    // stdout/stderr: true, or the parent pipes the worker's into
+    // process.stdout, whose creation makes fd 1 non-blocking.
+    this.worker = new Worker(READER_SRC, { eval: true, stdout: true, stderr: true, workerData: { fd, chunkSize, credits: this.credits } });
+    // A worker blocked in read() must not keep the process alive.
+    this.worker.unref();
+    this.worker.on('message', this.onMessage);
+    this.worker.on('error', (err: Error) => this.destroy(new FdStreamError(fd, 'EIO', `reader thread: ${err.message}`)));
+  }
+
+  override _read(cb: (err: Error | null) => void): void {
+    if (this.owed > 0) {
+      this.grant(this.owed);
+      this.owed = 0;
+    }
+    cb(null);
+  }
+
+  override _destroy(cb: (err: Error | null) => void): void {
+    this.done = true;
+    // Blocked in read(), the thread ends when the fd gives EOF or the process exits.
+    void this.worker.terminate().catch(() => undefined);
+    cb(null);
+  }
+
+  private grant(n: number): void {
+    Atomics.add(this.credits, 0, n);
+    Atomics.notify(this.credits, 0);
+  }
+
+  private readonly onMessage = (m: { ab?: ArrayBuffer; len?: number; eof?: boolean; error?: string; code?: string }): void => {
+    if (this.done) return;
+    if (m.ab) {
+      if (this.push(Buffer.from(m.ab, 0, m.len))) this.grant(1);
+      else this.owed++;
+    } else if (m.eof) {
+      this.done = true;
+      this.push(null);
+    } else if (m.error !== undefined) {
+      this.done = true;
+      this.destroy(new FdStreamError(this.fd, m.code ?? 'EIO', `read: ${m.error}`));
+    }
+  };
+}
