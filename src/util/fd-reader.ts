@@ -52,7 +52,21 @@ for (;;) {
     break;
   }
   len += n;
-  if (len === chunkSize || n < PIPE_BUF_FULL) send();
+  if (len === chunkSize) send();
+  else if (n < PIPE_BUF_FULL) {
+    // The pipe ran dry: hand over what we have now (a source that waits for
+    // our answer sends nothing more), but a small piece as a right-sized
+    // copy, keeping the big buffer, so a writer of small pieces (QEMU writes
+    // 32 KiB at a time) does not cost a fresh 1 MiB buffer per piece.
+    if (len >= chunkSize / 4) send();
+    else {
+      Atomics.sub(credits, 0, 1);
+      const out = Buffer.allocUnsafeSlow(len);
+      buf.copy(out, 0, 0, len);
+      parentPort.postMessage({ ab: out.buffer, len }, [out.buffer]);
+      len = 0;
+    }
+  }
 }
 `;
 
