@@ -88,7 +88,7 @@ export class FdReader extends Readable {
     const chunkSize = opts.chunkSize ?? 1 << 20;
     super({ highWaterMark: chunkSize * 2 });
     this.credits = new Int32Array(new SharedArrayBuffer(4));
-    this.credits[0] = opts.readAhead ?? 8;
+    this.credits[0] = opts.readAhead ?? 4;
     // stdout/stderr: true, or the parent pipes the worker's into
     // process.stdout, whose creation makes fd 1 non-blocking.
     this.worker = new Worker(READER_SRC, { eval: true, stdout: true, stderr: true, workerData: { fd, chunkSize, credits: this.credits } });
