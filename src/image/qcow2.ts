@@ -640,6 +640,17 @@ export class Qcow2Image {
   }
 
   private async readAtSlow(offset: number, length: number, out: Buffer): Promise<Buffer> {
+    const tasks = await this.whenMapped(offset, length, () => this.planRead(offset, length, out));
+    if (tasks.length > 0) await Promise.all(tasks);
+    return out;
+  }
+
+  /**
+   * Loads the L2 tables a guest range needs and waits out copy-on-writes in
+   * it, then plans the I/O; again if a table went missing meanwhile (`plan`
+   * returned null).
+   */
+  private async whenMapped<T>(offset: number, length: number, plan: () => T | null): Promise<T> {
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
     const firstC = Math.floor(offset / cs);
@@ -649,11 +660,8 @@ export class Qcow2Image {
       if (loads) await loads;
       const waits = this.cowWaits(firstC, lastC);
       if (waits) await waits;
-      const tasks = this.planRead(offset, length, out);
-      if (tasks) {
-        if (tasks.length > 0) await Promise.all(tasks);
-        return out;
-      }
+      const planned = plan();
+      if (planned !== null) return planned;
     }
   }
 
@@ -725,21 +733,7 @@ export class Qcow2Image {
 
   private async writeAt(offset: number, buffers: Buffer[], length: number): Promise<void> {
     if (length === 0) return;
-    const cs = this.clusterSize;
-    const l2Span = cs * this.l2Entries;
-    const firstC = Math.floor(offset / cs);
-    const lastC = Math.floor((offset + length - 1) / cs);
-    for (;;) {
-      const loads = this.loadTables(Math.floor(offset / l2Span), Math.floor((offset + length - 1) / l2Span));
-      if (loads) await loads;
-      const waits = this.cowWaits(firstC, lastC);
-      if (waits) await waits;
-      const tasks = this.planWrite(offset, buffers, length);
-      if (tasks) {
-        await Promise.all(tasks);
-        return;
-      }
-    }
+    await Promise.all(await this.whenMapped(offset, length, () => this.planWrite(offset, buffers, length)));
   }
 
   /**
