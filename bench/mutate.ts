@@ -13,7 +13,7 @@
 // The e2e suite test/e2e/reliability-mutate.test.ts runs a few hundred cases
 // through the same functions.
 import * as fs from 'node:fs';
-import { prng } from '../test/prng';
+import { prng } from '../test/helpers';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';

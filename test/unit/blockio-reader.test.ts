@@ -16,13 +16,11 @@ import {
   OrderedBlockWriter,
   ReadPlanEntry,
 } from '../../src/blockio';
-import { prng } from '../prng';
+import { prng, sleep, tick } from '../helpers';
 
 // ---- helpers ---------------------------------------------------------------
 
 const rng = prng;
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-const tick = () => new Promise<void>((r) => setImmediate(r));
 
 const unhandled: unknown[] = [];
 process.on('unhandledRejection', (e) => unhandled.push(e));

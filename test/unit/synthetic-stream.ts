@@ -129,7 +129,7 @@ export function frame(input: Buffer, chunkSizes: number[] | ((i: number) => numb
   });
 }
 
-export { prng } from '../prng';
+export { prng } from '../helpers';
 
 // ---- real QEMU streams (for identity tests and the benchmark) ----
 
