@@ -270,23 +270,28 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+/** Whatever a message holds, it stays one line. */
+function oneLine(message: string): string {
+  return message.replace(/[\x00-\x1f\x7f]+/g, ' ');
+}
+
 function report(err: unknown): number {
   if (err instanceof UsageError) {
-    process.stderr.write(`qemu-snap: ${err.message}\n${'try: qemu-snap --help'}\n`);
+    process.stderr.write(`qemu-snap: ${oneLine(err.message)}\n${'try: qemu-snap --help'}\n`);
     return 2;
   }
   if (err instanceof QemuSnapError) {
-    process.stderr.write(`qemu-snap: ${err.message}\n`);
+    process.stderr.write(`qemu-snap: ${oneLine(err.message)}\n`);
     return 1;
   }
   const e = err as NodeJS.ErrnoException;
   if (e && typeof e.code === 'string') {
     // System errors: name the file and the reason, no stack.
     const where = e.path ? `${e.path}: ` : '';
-    process.stderr.write(`qemu-snap: ${where}${e.code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : e.message.replace(/^\w+: /, '')}\n`);
+    process.stderr.write(`qemu-snap: ${oneLine(where + (e.code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : e.message.replace(/^\w+: /, '')))}\n`);
     return 1;
   }
-  process.stderr.write(`qemu-snap: internal error: ${e?.message ?? String(err)}\n`);
+  process.stderr.write(`qemu-snap: internal error: ${oneLine(e?.message ?? String(err))}\n`);
   if (process.env.QEMU_SNAP_DEBUG) process.stderr.write(`${e?.stack ?? ''}\n`);
   return 1;
 }

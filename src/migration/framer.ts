@@ -10,6 +10,7 @@ import {
   Token,
 } from './constants';
 import { StreamFormatError } from './errors';
+import { printable } from '../util/text';
 import type {
   ConfigurationSubsection,
   MigrationRecord,
@@ -496,7 +497,7 @@ export class MigrationFramer extends Transform {
         const uuid = `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
         subsections.push({ name, versionId, uuid });
       } else {
-        this.fail(offset + rel, `unknown CONFIGURATION subsection "${name}"`);
+        this.fail(offset + rel, `unknown CONFIGURATION subsection "${printable(name, 64)}"`);
       }
       rel = p;
     }
@@ -549,14 +550,14 @@ export class MigrationFramer extends Transform {
     if (token === Token.SECTION_FULL) {
       if (idstr === 'ram') this.fail(offset, 'ram sent as a SECTION_FULL');
       if (!this.ramEnded) {
-        this.fail(offset, `device section "${idstr}" arrives before the end of the ram section`);
+        this.fail(offset, `device section "${printable(idstr, 64)}" arrives before the end of the ram section`);
       }
       // Device sections carry no length: from here on everything is opaque.
       this.state = State.Device;
       this.tailScan = 0;
       return true;
     }
-    if (idstr !== 'ram') this.fail(offset, `iterable section "${idstr}" is not supported (only ram can be saved)`);
+    if (idstr !== 'ram') this.fail(offset, `iterable section "${printable(idstr, 64)}" is not supported (only ram can be saved)`);
     if (this.ramSectionId >= 0) this.fail(offset, 'second START of section ram');
     if (versionId !== RAM_SECTION_VERSION) {
       this.fail(offset, `ram section version ${versionId} is not supported (expected ${RAM_SECTION_VERSION})`);
@@ -633,7 +634,7 @@ export class MigrationFramer extends Transform {
         }
         const address = hi * TWO32 + (lo - flags);
         if (address + pageSize > block.length) {
-          this.fail(offset, `RAM page at 0x${address.toString(16)} is past the end of block "${block.id}" (length 0x${block.length.toString(16)})`, 'ram');
+          this.fail(offset, `RAM page at 0x${address.toString(16)} is past the end of block "${printable(block.id, 64)}" (length 0x${block.length.toString(16)})`, 'ram');
         }
         if (base === RamFlag.PAGE) {
           if (q.available < rel + pageSize) return false;
@@ -686,7 +687,7 @@ export class MigrationFramer extends Transform {
       const id = this.blockIds[i];
       if (id.length === n && q.equalsAt(9, id)) return this.blocks[i];
     }
-    return this.fail(offset, `RAM record for unknown block "${q.stringAt(9, n)}"`, 'ram');
+    return this.fail(offset, `RAM record for unknown block "${printable(q.stringAt(9, n), 64)}"`, 'ram');
   }
 
   private u64At(rel: number, what: string): number {
@@ -713,11 +714,11 @@ export class MigrationFramer extends Transform {
       if (q.available < rel + 1 + n + 8) return false;
       const id = q.stringAt(rel + 1, n);
       const length = this.u64At(rel + 1 + n, 'RAM block length');
-      if (blocks.some((b) => b.id === id)) this.fail(q.consumed + rel, `duplicate RAM block "${id}" in MEM_SIZE`, 'ram');
+      if (blocks.some((b) => b.id === id)) this.fail(q.consumed + rel, `duplicate RAM block "${printable(id, 64)}" in MEM_SIZE`, 'ram');
       rel += 1 + n + 8;
       sum += length;
       if (sum > totalBytes) {
-        this.fail(offset, `RAM block lengths exceed the MEM_SIZE total ${totalBytes} (at block "${id}")`, 'ram');
+        this.fail(offset, `RAM block lengths exceed the MEM_SIZE total ${totalBytes} (at block "${printable(id, 64)}")`, 'ram');
       }
       // Optional per-block be64 fields (ram_save_setup): the block's page size
       // (postcopy-ram, huge pages) and its GPA (x-ignore-shared). They are
@@ -735,7 +736,7 @@ export class MigrationFramer extends Transform {
           if (q.byteAt(rel) !== 0) break;
           if (q.available < rel + 8) return false;
         }
-        extras.push(this.u64At(rel, `extra field of RAM block "${id}"`));
+        extras.push(this.u64At(rel, `extra field of RAM block "${printable(id, 64)}"`));
         rel += 8;
       }
       const block: RamBlockInfo = { id, length, index: blocks.length };
@@ -747,7 +748,7 @@ export class MigrationFramer extends Transform {
         else block.pageSize = extras[0];
       }
       if (block.pageSize !== undefined && (block.pageSize < 512 || (block.pageSize & (block.pageSize - 1)) !== 0 || block.pageSize > 2 ** 34)) {
-        this.fail(offset, `RAM block "${id}" has an invalid page size ${block.pageSize}`, 'ram');
+        this.fail(offset, `RAM block "${printable(id, 64)}" has an invalid page size ${block.pageSize}`, 'ram');
       }
       blocks.push(block);
     }

@@ -341,4 +341,11 @@ test('an error destroys the framer once, and later input is ignored', async () =
   assert.ok(framer.destroyed);
 });
 
+test('a damaged block name is quoted with its control bytes escaped: the error stays one line', async () => {
+  const input = leader().sectionPart(2).page(0, 'bad\nname\x01' + 'x'.repeat(200)).build();
+  const err = await expectError(input, /unknown block "bad\\x0aname\\x01x+…"/);
+  assert.not.match(err.message, /\n/);
+  assert.ok(err.message.length < 200, err.message);
+});
+
 test.run();
