@@ -12,7 +12,7 @@ export class InputGate extends Readable {
   private ended = false;
 
   constructor(private readonly source: NodeJS.ReadableStream) {
-    super({ highWaterMark: 2 << 20 });
+    super({ highWaterMark: 4 << 20 });
     source.on('data', this.onData);
     source.on('end', this.onEnd);
     source.on('error', this.onError);

@@ -82,7 +82,7 @@ export class SnapshotWriter extends Transform {
 
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
-      highWaterMark: 2 << 20,
+      highWaterMark: 4 << 20,
       byteLengthWritable: (r: unknown) => ((r as MigrationRecord).type === 'ram-page' ? 4096 : 64),
       byteLengthReadable: (w: unknown) => (w as BlockWrite).length,
     });

@@ -17,7 +17,8 @@ export class FdStreamError extends QemuSnapError {
 // The worker loops on blocking reads. It sends a chunk when it is full, or
 // as soon as a read returns less than a full pipe: the peer has nothing
 // more right now (a source waiting for SHUT must see its tail processed).
-// credits[0] counts the chunks it may still send before main asks for more.
+// credits[0] counts the bytes it may still send before main asks for more
+// (bytes, not chunks: a writer of small pieces must not starve it).
 const READER_SRC = `
 const { parentPort, workerData } = require('node:worker_threads');
 const fs = require('node:fs');
@@ -28,7 +29,7 @@ let backoff = 0.02;
 let buf = Buffer.allocUnsafeSlow(chunkSize);
 let len = 0;
 const send = () => {
-  Atomics.sub(credits, 0, 1);
+  Atomics.sub(credits, 0, len);
   const ab = buf.buffer;
   parentPort.postMessage({ ab, len }, [ab]);
   buf = Buffer.allocUnsafeSlow(chunkSize);
@@ -60,7 +61,7 @@ for (;;) {
     // 32 KiB at a time) does not cost a fresh 1 MiB buffer per piece.
     if (len >= chunkSize / 4) send();
     else {
-      Atomics.sub(credits, 0, 1);
+      Atomics.sub(credits, 0, len);
       const out = Buffer.allocUnsafeSlow(len);
       buf.copy(out, 0, 0, len);
       parentPort.postMessage({ ab: out.buffer, len }, [out.buffer]);
@@ -88,7 +89,7 @@ export class FdReader extends Readable {
     const chunkSize = opts.chunkSize ?? 1 << 20;
     super({ highWaterMark: chunkSize * 2 });
     this.credits = new Int32Array(new SharedArrayBuffer(4));
-    this.credits[0] = opts.readAhead ?? 4;
+    this.credits[0] = (opts.readAhead ?? 4) * chunkSize;
     // stdout/stderr: true, or the parent pipes the worker's into
     // process.stdout, whose creation makes fd 1 non-blocking.
     this.worker = new Worker(READER_SRC, { eval: true, stdout: true, stderr: true, workerData: { fd, chunkSize, credits: this.credits } });
@@ -121,8 +122,9 @@ export class FdReader extends Readable {
   private readonly onMessage = (m: { ab?: ArrayBuffer; len?: number; eof?: boolean; error?: string; code?: string }): void => {
     if (this.done) return;
     if (m.ab) {
-      if (this.push(Buffer.from(m.ab, 0, m.len))) this.grant(1);
-      else this.owed++;
+      const len = m.len ?? 0;
+      if (this.push(Buffer.from(m.ab, 0, len))) this.grant(len);
+      else this.owed += len;
     } else if (m.eof) {
       this.done = true;
       this.push(null);
