@@ -7,6 +7,7 @@
 // machines vary a lot, so only ratios within one run mean anything.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import minimist from 'minimist';
 import { Writable } from 'streamx';
 import { MigrationFramer } from '../src/migration/framer';
@@ -108,11 +109,14 @@ class Bench {
     const rss: number[] = [];
     for (let i = 0; i < this.cfg.runs; i++) {
       rmQuiet(this.image);
+      execFileSync('sync'); // each run starts without the previous run's dirty pages
       const s = await timeShell(`cat ${q(this.stream)} | ${snapCmd(`save -q ${q(this.image)}`, this.statsFile)}`);
       save.push(s.ms);
       rss.push(this.stats().maxRssKiB);
+      execFileSync('sync');
       cat.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)}`)).ms);
       rmQuiet(file);
+      execFileSync('sync');
       // save fsyncs its image before publishing it; this is cat doing the same.
       catSync.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)} && sync ${q(file)}`)).ms);
       rmQuiet(file);
@@ -176,6 +180,9 @@ class Bench {
       const one = async (uri: string): Promise<[number, number]> => {
         const src = await this.source();
         try {
+          // Neither side inherits the other's dirty pages (1 GiB of them slows
+          // whatever writes next, and our fdatasyncs wait on the writeback).
+          execFileSync('sync');
           const t0 = performance.now();
           const info = await src.migrate(uri, { timeoutMs: 120_000 });
           const wall = performance.now() - t0;

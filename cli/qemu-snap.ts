@@ -5,6 +5,7 @@
 import minimist from 'minimist';
 import { readFileSync } from 'node:fs';
 import { isatty } from 'node:tty';
+import { setFlagsFromString } from 'node:v8';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
 import { ProgressLine } from '../src/util/progress';
@@ -14,6 +15,11 @@ import { loadSnapshot } from '../src/snapshot/load';
 import { verifySnapshot } from '../src/snapshot/verify';
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
+
+// The per-page records die young: a smaller young generation (V8's default
+// lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
+// for the same speed.
+setFlagsFromString('--max-semi-space-size=8');
 
 // process.stdout is created on first use (for a pipe that also makes fd 1
 // non-blocking): create it, and its error handler, only when needed.
