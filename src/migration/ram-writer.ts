@@ -4,21 +4,18 @@
 // chunk that goes to the pipe (many small writes to a pipe are far slower
 // than one copy).
 import { Token, RamFlag } from './constants';
+import { ramRecordHeaderLength, writeRamEos, writeRamRecordHeader, writeSectionFooter, writeSectionPart } from './encoder';
 
-/** A RAM block as the writer needs it: its idstr, pre-encoded. */
+/** A RAM block as the writer needs it: its idstr bytes, encoded once. */
 export interface RamBlockName {
   id: string;
-  /** u8 length + idstr bytes, as they follow a record header without CONTINUE. */
-  encodedId: Buffer;
+  idBytes: Buffer;
 }
 
 export function ramBlockName(id: string): RamBlockName {
-  const bytes = Buffer.from(id, 'latin1');
-  if (bytes.length === 0 || bytes.length > 255) throw new RangeError(`RAM block idstr '${id}' must be 1..255 bytes`);
-  const encodedId = Buffer.alloc(1 + bytes.length);
-  encodedId[0] = bytes.length;
-  bytes.copy(encodedId, 1);
-  return { id, encodedId };
+  const idBytes = Buffer.from(id, 'latin1');
+  if (idBytes.length === 0 || idBytes.length > 255) throw new RangeError(`RAM block idstr '${id}' must be 1..255 bytes`);
+  return { id, idBytes };
 }
 
 export class RamRecordWriter {
@@ -49,9 +46,7 @@ export class RamRecordWriter {
   beginSection(): void {
     if (this.inSection) return;
     this.reserve(5);
-    this.out[this.pos] = Token.SECTION_PART;
-    this.out.writeUInt32BE(this.sectionId, this.pos + 1);
-    this.pos += 5;
+    this.pos = writeSectionPart(this.out, this.pos, Token.SECTION_PART, this.sectionId);
     this.inSection = true;
     this.sectionBytes = 0;
     // Name the block again in every section: a destination need not carry
@@ -78,10 +73,7 @@ export class RamRecordWriter {
   endSection(): void {
     if (!this.inSection) return;
     this.reserve(13);
-    writeBe64(this.out, this.pos, 0, RamFlag.EOS);
-    this.out[this.pos + 8] = Token.SECTION_FOOTER;
-    this.out.writeUInt32BE(this.sectionId, this.pos + 9);
-    this.pos += 13;
+    this.pos = writeSectionFooter(this.out, writeRamEos(this.out, this.pos), this.sectionId);
     this.inSection = false;
   }
 
@@ -89,12 +81,8 @@ export class RamRecordWriter {
   endRam(): void {
     this.endSection();
     this.reserve(18);
-    this.out[this.pos] = Token.SECTION_END;
-    this.out.writeUInt32BE(this.sectionId, this.pos + 1);
-    writeBe64(this.out, this.pos + 5, 0, RamFlag.EOS);
-    this.out[this.pos + 13] = Token.SECTION_FOOTER;
-    this.out.writeUInt32BE(this.sectionId, this.pos + 14);
-    this.pos += 18;
+    const pos = writeRamEos(this.out, writeSectionPart(this.out, this.pos, Token.SECTION_END, this.sectionId));
+    this.pos = writeSectionFooter(this.out, pos, this.sectionId);
   }
 
   /** Arbitrary stream bytes (leader, commands, device state), after what is buffered. */
@@ -116,27 +104,17 @@ export class RamRecordWriter {
     this.pos = 0;
   }
 
+  /** Header with the idstr, or CONTINUE within the block of the previous record. */
   private recordHeader(block: RamBlockName, address: number, flags: number, payload: number): number {
-    const cont = block === this.lastBlock;
-    const len = 8 + (cont ? 0 : block.encodedId.length);
+    const idstr = block === this.lastBlock ? null : block.idBytes;
+    const len = ramRecordHeaderLength(idstr);
     this.reserve(len + payload);
-    // address is page aligned, so the flags fit in the low bits.
-    writeBe64(this.out, this.pos, Math.floor(address / 0x100000000), (address >>> 0) | flags | (cont ? RamFlag.CONTINUE : 0));
-    this.pos += 8;
-    if (!cont) {
-      block.encodedId.copy(this.out, this.pos);
-      this.pos += block.encodedId.length;
-      this.lastBlock = block;
-    }
+    this.pos = writeRamRecordHeader(this.out, this.pos, address, flags, idstr);
+    this.lastBlock = block;
     return len;
   }
 
   private reserve(n: number): void {
     if (this.pos + n > this.chunkSize) this.flush();
   }
-}
-
-function writeBe64(buf: Buffer, pos: number, hi: number, lo: number): void {
-  buf.writeUInt32BE(hi >>> 0, pos);
-  buf.writeUInt32BE(lo >>> 0, pos + 4);
 }
