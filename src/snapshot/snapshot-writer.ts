@@ -248,7 +248,7 @@ export class SnapshotWriter extends Transform {
 
   private storePage(blockIndex: number, address: number, data: Buffer): void {
     const st = this.blockStates[blockIndex];
-    const page = address >>> 0 === address ? address >>> this.pageShift : Math.floor(address / this.pageSize);
+    const page = this.pageOf(address);
     const bit = 1 << (page & 7);
     const byte = page >>> 3;
     if ((st.dataBits[byte] & bit) === 0) {
@@ -260,7 +260,7 @@ export class SnapshotWriter extends Transform {
 
   private storeZero(blockIndex: number, address: number): void {
     const st = this.blockStates[blockIndex];
-    const page = address >>> 0 === address ? address >>> this.pageShift : Math.floor(address / this.pageSize);
+    const page = this.pageOf(address);
     const bit = 1 << (page & 7);
     const byte = page >>> 3;
     // A page never written is already zero on disk (unallocated, or a fresh
@@ -269,6 +269,11 @@ export class SnapshotWriter extends Transform {
     st.dataBits[byte] &= ~bit;
     this.dataPages--;
     this.addToRun(st.layout.offset + address, this.zeroPage);
+  }
+
+  /** Page number of a block address (a shift while it fits 32 bits). */
+  private pageOf(address: number): number {
+    return address >>> 0 === address ? address >>> this.pageShift : Math.floor(address / this.pageSize);
   }
 
   private addToRun(diskOffset: number, data: Buffer): void {
