@@ -32,3 +32,9 @@ export { describeFile, describeStream, describeImage, formatInfo } from './snaps
 export type { Info, StreamInfo, ImageInfo, DeviceInfo } from './snapshot/info';
 export { InputGate } from './snapshot/input-gate';
 export { parseSize } from './util/size';
+export { verifySnapshot, verifyChunks, StreamVerifier } from './snapshot/verify';
+export type { VerifyResult } from './snapshot/verify';
+export { ChunkDigester, DigestMismatchError, encodeDigestTable, decodeDigestHeader, decodeDigestTable, DIGEST_CHUNK_SIZE } from './snapshot/digests';
+export type { DigestTable } from './snapshot/digests';
+export { FdReader } from './util/fd-reader';
+export { FdWriter, isPipe } from './util/fd-writer';
