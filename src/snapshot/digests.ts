@@ -13,6 +13,7 @@ import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { Worker } from 'node:worker_threads';
 import { QemuSnapError } from '../errors';
+import { WORKER_HEAP } from '../util/fd-reader';
 
 export const DIGEST_MAGIC = 0x51534447; // "QSDG"
 export const DIGEST_VERSION = 1;
@@ -91,7 +92,7 @@ export class ChunkDigester {
   private failed: Error | null = null;
 
   constructor(private readonly pageSize: number) {
-    this.worker = new Worker(path.join(__dirname, 'digest-worker.js'));
+    this.worker = new Worker(path.join(__dirname, 'digest-worker.js'), { resourceLimits: WORKER_HEAP });
     this.worker.unref();
     this.worker.on('message', (m: { id?: number; chunk?: number; crc: number; dataPages?: number }) => {
       if (m.chunk !== undefined) {

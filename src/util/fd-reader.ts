@@ -71,8 +71,11 @@ for (;;) {
 }
 `;
 
+/** Heap limits for helper threads that keep almost nothing in JS objects. */
+export const WORKER_HEAP = { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 16 };
+
 export interface FdReaderOptions {
-  /** Largest chunk handed out (default 1 MiB). */
+  /** Largest chunk handed out (default 512 KiB). */
   chunkSize?: number;
   /** Chunks the worker may read ahead of the consumer (default 8). */
   readAhead?: number;
@@ -86,13 +89,20 @@ export class FdReader extends Readable {
   private done = false;
 
   constructor(readonly fd: number, opts: FdReaderOptions = {}) {
-    const chunkSize = opts.chunkSize ?? 1 << 20;
+    const chunkSize = opts.chunkSize ?? 512 << 10;
     super({ highWaterMark: chunkSize * 2 });
     this.credits = new Int32Array(new SharedArrayBuffer(4));
     this.credits[0] = (opts.readAhead ?? 4) * chunkSize;
     // stdout/stderr: true, or the parent pipes the worker's into
     // process.stdout, whose creation makes fd 1 non-blocking.
-    this.worker = new Worker(READER_SRC, { eval: true, stdout: true, stderr: true, workerData: { fd, chunkSize, credits: this.credits } });
+    this.worker = new Worker(READER_SRC, {
+      eval: true,
+      stdout: true,
+      stderr: true,
+      workerData: { fd, chunkSize, credits: this.credits },
+      // It holds no JS data to speak of: a small heap keeps peak RSS down.
+      resourceLimits: WORKER_HEAP,
+    });
     // A worker blocked in read() must not keep the process alive.
     this.worker.unref();
     this.worker.on('message', this.onMessage);
