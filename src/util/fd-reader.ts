@@ -1,7 +1,7 @@
 // Reading a pipe on a worker thread. Node reads a pipe on the main thread
 // in 64 KiB pieces, so the syscalls serialise with the parsing and every
 // piece costs a trip through the streams. A worker doing blocking reads
-// gathers them into 1 MiB chunks (transferred, not copied) while the main
+// gathers them into 512 KiB chunks (transferred, not copied) while the main
 // thread parses the previous ones.
 import { Worker } from 'node:worker_threads';
 import { Readable } from 'streamx';
@@ -58,7 +58,7 @@ for (;;) {
     // The pipe ran dry: hand over what we have now (a source that waits for
     // our answer sends nothing more), but a small piece as a right-sized
     // copy, keeping the big buffer, so a writer of small pieces (QEMU writes
-    // 32 KiB at a time) does not cost a fresh 1 MiB buffer per piece.
+    // 32 KiB at a time) does not cost a fresh chunk-sized buffer per piece.
     if (len >= chunkSize / 4) send();
     else {
       Atomics.sub(credits, 0, len);
