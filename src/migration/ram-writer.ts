@@ -39,10 +39,6 @@ export class RamRecordWriter {
     this.out = Buffer.allocUnsafe(chunkSize);
   }
 
-  get sectionOpen(): boolean {
-    return this.inSection;
-  }
-
   beginSection(): void {
     if (this.inSection) return;
     this.reserve(5);

@@ -8,6 +8,7 @@
 import { Transform } from 'streamx';
 import type { BlockRead } from '../blockio';
 import { RamRecordWriter, RamBlockName, ramBlockName } from '../migration/ram-writer';
+import { unsentRanges, DiscardRange } from '../migration/postcopy';
 import type { RamBlockLayout } from './layout';
 
 /** A section is closed after this many bytes so the destination makes progress. */
@@ -74,21 +75,10 @@ export class LoadEncoder extends Transform {
     });
   }
 
-  /** Ranges of pages of block `index` that have not gone out, as [firstPage, pageCount]. */
-  unsentRuns(index: number): Array<[number, number]> {
+  /** Byte ranges of block `index` whose pages have not gone out (what a postcopy switch discards). */
+  unsentRanges(index: number): DiscardRange[] {
     const st = this.blocks[index];
-    const runs: Array<[number, number]> = [];
-    let start = -1;
-    for (let p = 0; p < st.pages; p++) {
-      const sent = (st.sent[p >>> 3] & (1 << (p & 7))) !== 0;
-      if (!sent && start < 0) start = p;
-      else if (sent && start >= 0) {
-        runs.push([start, p - start]);
-        start = -1;
-      }
-    }
-    if (start >= 0) runs.push([start, st.pages - start]);
-    return runs;
+    return unsentRanges(st.sent, st.pages, this.pageSize);
   }
 
   isSent(index: number, page: number): boolean {

@@ -14,10 +14,8 @@ import {
   encodeOpenReturnPath,
   encodePing,
   encodePostcopyAdvise,
-  encodePostcopyListen,
-  encodePostcopyRun,
   encodeRamDiscard,
-  encodePackaged,
+  encodeListenPackage,
 } from '../migration/postcopy';
 import { Token } from '../migration/constants';
 import { QemuSnapError } from '../errors';
@@ -179,7 +177,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       }
       // The backlog of background reads delays requested pages: keep it short.
       reader.setMaxInFlight(Math.min(2, maxInFlight));
-      return [...discards, ...encodePackaged([encodePostcopyListen(), snap.deviceSections, encodePostcopyRun()])];
+      return [...discards, ...encodeListenPackage([snap.deviceSections])];
     },
     flushEachRange: () => switched,
     onUrgentSent: (read) => {
@@ -278,10 +276,9 @@ function isPipeGone(err: Error): boolean {
 
 /** A discard for every page not yet sent: the destination must fault on them. */
 function discardCommands(snap: SnapshotContents, encoder: LoadEncoder): Buffer[] {
-  const ps = snap.header.pageSize;
   const out: Buffer[] = [];
   for (let i = 0; i < snap.blocks.length; i++) {
-    const runs = encoder.unsentRuns(i).map(([first, count]) => ({ start: first * ps, length: count * ps }));
+    const runs = encoder.unsentRanges(i);
     if (runs.length > 0) out.push(...encodeRamDiscard(snap.blocks[i].id, runs));
   }
   return out;

@@ -5,7 +5,6 @@ import { Readable } from 'streamx';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import type { ConfigurationRecord, MigrationRecord, RamBlockInfo, SectionStartRecord } from '../migration/records';
-import { QemuSnapError } from '../errors';
 import * as zlib from 'node:zlib';
 import { decodeDigestHeader, decodeDigestTable, DigestMismatchError, DigestTable, DIGEST_HEADER_SIZE } from './digests';
 import { Token, RamFlag } from '../migration/constants';
@@ -153,5 +152,3 @@ export function parseRecords(stream: Buffer, pageSize?: number): Promise<Migrati
     Readable.from([stream]).pipe(framer);
   });
 }
-
-export class SnapshotReadError extends QemuSnapError {}
