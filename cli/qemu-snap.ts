@@ -15,6 +15,7 @@ import { loadSnapshot } from '../src/snapshot/load';
 import { verifySnapshot } from '../src/snapshot/verify';
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
+import { enlargePipe } from '../src/util/pipe-size';
 
 // The per-page records die young: a smaller young generation (V8's default
 // lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
@@ -153,6 +154,8 @@ async function cmdSave(argv: string[]): Promise<void> {
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
   const inputPath = oneString(args.input, '--input');
   const fromStdin = inputPath === undefined || inputPath === '-';
+  // A 1 MiB pipe instead of 64 KiB: 16 times fewer sleeps and wake-ups between the writer and us.
+  if (fromStdin && isPipe(0)) enlargePipe(0);
   // A pipe is read on a worker thread in 1 MiB pieces: Node's own reads of
   // a pipe cost more than the parsing (QEMU_SNAP_PIPE_THREAD=0 turns it off).
   const input: NodeJS.ReadableStream = !fromStdin
@@ -203,6 +206,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
   }
   const outputPath = oneString(args.output, '--output');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
+  if (outputPath === undefined && isPipe(1)) enlargePipe(1);
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
