@@ -92,7 +92,12 @@ export class ChunkDigester {
   private failed: Error | null = null;
 
   constructor(private readonly pageSize: number) {
-    this.worker = new Worker(path.join(__dirname, 'digest-worker.js'), { resourceLimits: WORKER_HEAP });
+    // By default Node pipes a worker's stdout and stderr into the parent's,
+    // which creates process.stdout and so makes fd 1 non-blocking (load
+    // writes the stream to fd 1 synchronously; EAGAIN there costs sleeps).
+    // The worker prints nothing to stdout; its stderr is forwarded by hand.
+    this.worker = new Worker(path.join(__dirname, 'digest-worker.js'), { resourceLimits: WORKER_HEAP, stdout: true, stderr: true });
+    this.worker.stderr.on('data', (d: Buffer) => process.stderr.write(d));
     this.worker.unref();
     this.worker.on('message', (m: { id?: number; chunk?: number; crc: number; dataPages?: number }) => {
       if (m.chunk !== undefined) {

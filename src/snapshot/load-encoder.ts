@@ -37,6 +37,12 @@ export interface LoadEncoderOptions {
   onBackgroundEncoded?: (read: BlockRead) => void;
   /** Called after an urgent range went into the output. */
   onUrgentSent?: (read: BlockRead) => void;
+  /**
+   * Writes each output chunk synchronously instead of pushing it (precopy to
+   * a file descriptor): the encoder then reuses one output buffer, and the
+   * readable side carries nothing.
+   */
+  sink?: (chunk: Buffer) => void;
 }
 
 interface BlockState {
@@ -65,10 +71,22 @@ export class LoadEncoder extends Transform {
     });
     this.pageSize = opts.pageSize;
     this.zeroPage = Buffer.alloc(opts.pageSize);
-    this.writer = new RamRecordWriter(opts.ramSectionId, opts.pageSize, (chunk) => {
-      this.bytesOut += chunk.length;
-      this.push(chunk);
-    });
+    const sink = opts.sink;
+    this.writer = sink
+      ? new RamRecordWriter(
+          opts.ramSectionId,
+          opts.pageSize,
+          (chunk) => {
+            this.bytesOut += chunk.length;
+            sink(chunk);
+          },
+          1 << 20,
+          true,
+        )
+      : new RamRecordWriter(opts.ramSectionId, opts.pageSize, (chunk) => {
+          this.bytesOut += chunk.length;
+          this.push(chunk);
+        });
     this.blocks = opts.blocks.map((layout) => {
       const pages = Math.ceil(layout.length / opts.pageSize);
       return { layout, name: ramBlockName(layout.id), sent: new Uint8Array(Math.ceil(pages / 8)), pages };

@@ -5,9 +5,10 @@
 //
 // Everything that can be checked (header, leader, offsets, page size) is
 // checked before the first byte goes out.
-import { createWriteStream } from 'node:fs';
+import * as fs from 'node:fs';
 import { Writable } from 'streamx';
 import { pumpAsync } from '../util/pump';
+import { FdWriter } from '../util/fd-writer';
 import { OrderedBlockReader, ReadPlanEntry } from '../blockio';
 import { ReturnPathParser, ReturnPathMsg } from '../migration/return-path';
 import {
@@ -153,7 +154,24 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     verifier = new StreamVerifier(snap, digester);
     verifier.finished.catch((err: Error) => reader.destroy(err));
   }
+  // Precopy to a file descriptor (the CLI's pipe, or --output) is written
+  // synchronously from the encoder: no thread-pool hop per chunk, one reused
+  // output buffer. Postcopy keeps the queued path: the main thread must stay
+  // free to read page requests while the pipe is full.
+  let ownFd: number | null = null;
+  let direct: FdWriter | null = null;
+  if (!postcopy && opts.output) {
+    try {
+      ownFd = fs.openSync(opts.output, 'w');
+    } catch (err) {
+      throw new LoadError(`cannot write ${opts.output}: ${(err as Error).message}`);
+    }
+    direct = new FdWriter(ownFd);
+  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
+    direct = opts.stdout;
+  }
   const encoder: LoadEncoder = new LoadEncoder({
+    sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,
@@ -188,7 +206,12 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     },
   });
 
-  const out: NodeJS.WritableStream = opts.output ? createWriteStream(opts.output) : opts.stdout ?? process.stdout;
+  // With a direct sink the encoder's readable side is empty: it still ends in a writer.
+  const out: NodeJS.WritableStream = direct
+    ? (direct as unknown as NodeJS.WritableStream)
+    : opts.output
+      ? fs.createWriteStream(opts.output)
+      : opts.stdout ?? process.stdout;
   let shutStatus: number | null = null;
   let returnPathDone: Promise<void> = Promise.resolve();
   let rpGate: InputGate | null = null;
@@ -263,6 +286,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     };
   } finally {
     clearInterval(progress);
+    if (ownFd !== null) fs.closeSync(ownFd);
     await digester?.close();
     opts.signal?.removeEventListener('abort', onAbort);
     rpGate?.destroy();

@@ -23,8 +23,41 @@ export function isPipe(fd: number): boolean {
   }
 }
 
+/** Sleeps the thread ~1 ms (a non-blocking pipe is full and there is no event loop turn to wait in). */
+const napCell = new Int32Array(new SharedArrayBuffer(4));
+function nap(): void {
+  Atomics.wait(napCell, 0, 0, 1);
+}
+
 export class FdWriter extends Writable {
   bytesWritten = 0;
+
+  /**
+   * Writes `data` whole, now, on this thread: the caller may reuse the
+   * buffer when it returns. For a producer that would otherwise hand the
+   * pool one chunk at a time: each pool write costs two cross-thread
+   * wake-ups, and with a 1 MiB pipe the blocking write(2) itself rarely
+   * sleeps. Not to be mixed with queued writes still in flight.
+   */
+  writeSync(data: Buffer): void {
+    let at = 0;
+    while (at < data.length) {
+      let n: number;
+      try {
+        n = fs.writeSync(this.fd, data, at, data.length - at);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+        // A non-blocking pipe that is full: wait for the reader.
+        if (code === 'EAGAIN') {
+          nap();
+          continue;
+        }
+        throw new FdWriteError(this.fd, code, (err as Error).message);
+      }
+      at += n;
+      this.bytesWritten += n;
+    }
+  }
 
   constructor(readonly fd: number) {
     super({ highWaterMark: 2 << 20, byteLength: (b: unknown) => (b as Buffer).length });
