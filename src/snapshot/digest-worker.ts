@@ -2,37 +2,29 @@
 // encodes the stream) on the machine's other core.
 //   whole: a chunk in one buffer; also counts the pages that hold data, so
 //          `verify` can check the STVM header's data-page count.
-//   piece: a chunk in consecutive pieces (data, or a run of zeros for a
-//          hole), as the loader reads it; the CRC is posted with the last.
+//   pieces: chunks in consecutive pieces (data, or a run of zeros for a
+//          hole), as the loader reads them, several per message; the CRCs
+//          of the chunks a message closes are posted in one answer.
 import { parentPort } from 'node:worker_threads';
 import * as zlib from 'node:zlib';
+import { applyPieces } from './crc-pieces';
 
 type Job =
   | { kind: 'whole'; id: number; data: Uint8Array; pageSize: number }
-  | { kind: 'piece'; chunk: number; data: Uint8Array | null; start: number; end: number; zeros: number; final: boolean };
+  // items: groups of (chunk, start, end, zeros, final); see ChunkDigester.pieces().
+  | { kind: 'pieces'; data: Uint8Array | null; items: number[] };
 
 const port = parentPort;
 if (!port) throw new Error('digest-worker must run as a worker thread');
 let zeroPage = Buffer.alloc(4096);
-const zeroRun = Buffer.alloc(1 << 20);
 const partial = new Map<number, number>();
 
-function crcZeros(n: number, crc: number): number {
-  for (; n > 0; n -= zeroRun.length) crc = zlib.crc32(zeroRun.subarray(0, Math.min(n, zeroRun.length)), crc);
-  return crc;
-}
-
 port.on('message', (job: Job) => {
-  if (job.kind === 'piece') {
-    let crc = partial.get(job.chunk) ?? 0;
-    if (job.data) crc = zlib.crc32(Buffer.from(job.data.buffer, job.data.byteOffset + job.start, job.end - job.start), crc);
-    if (job.zeros > 0) crc = crcZeros(job.zeros, crc);
-    if (job.final) {
-      partial.delete(job.chunk);
-      port.postMessage({ chunk: job.chunk, crc });
-    } else {
-      partial.set(job.chunk, crc);
-    }
+  if (job.kind === 'pieces') {
+    // The CRCs of the chunks this message closes, answered in one message.
+    const crcs: number[] = [];
+    applyPieces(partial, job.data, job.items, crcs);
+    if (crcs.length > 0) port.postMessage({ crcs });
     return;
   }
   const data = Buffer.from(job.data.buffer, job.data.byteOffset, job.data.byteLength);

@@ -14,6 +14,7 @@ import * as zlib from 'node:zlib';
 import { Worker } from 'node:worker_threads';
 import { QemuSnapError } from '../errors';
 import { WORKER_HEAP } from '../util/fd-reader';
+import type { PieceDigester } from './crc-pieces';
 
 export const DIGEST_MAGIC = 0x51534447; // "QSDG"
 export const DIGEST_VERSION = 1;
@@ -85,7 +86,7 @@ export interface ChunkDigest {
 }
 
 /** CRC-32 (and data-page count) of buffers, computed by a worker thread. */
-export class ChunkDigester {
+export class ChunkDigester implements PieceDigester {
   private readonly worker: Worker;
   private nextId = 0;
   private readonly waiting = new Map<number, { resolve: (d: ChunkDigest) => void; reject: (e: Error) => void }>();
@@ -99,9 +100,9 @@ export class ChunkDigester {
     this.worker = new Worker(path.join(__dirname, 'digest-worker.js'), { resourceLimits: WORKER_HEAP, stdout: true, stderr: true });
     this.worker.stderr.on('data', (d: Buffer) => process.stderr.write(d));
     this.worker.unref();
-    this.worker.on('message', (m: { id?: number; chunk?: number; crc: number; dataPages?: number }) => {
-      if (m.chunk !== undefined) {
-        this.onPieceCrc?.(m.chunk, m.crc >>> 0);
+    this.worker.on('message', (m: { id?: number; crcs?: number[]; crc: number; dataPages?: number }) => {
+      if (m.crcs !== undefined) {
+        for (let i = 0; i < m.crcs.length; i += 2) this.onPieceCrc?.(m.crcs[i], m.crcs[i + 1] >>> 0);
         return;
       }
       const w = this.waiting.get(m.id as number);
@@ -130,27 +131,55 @@ export class ChunkDigester {
   onPieceCrc: ((chunk: number, crc: number) => void) | null = null;
 
   /**
-   * Adds to chunk `chunk`'s CRC: bytes [start, end) of `data` (whose memory
-   * moves to the worker when `give` is set and it owns it), then `zeros`
-   * zero bytes. `final` closes the chunk: its CRC comes to onPieceCrc.
+   * Adds to chunks' CRCs in one message (each message wakes the worker, and
+   * on our VMs a cross-thread wake-up costs 20-40 µs): `items` holds groups
+   * of five numbers, in order: chunk, start, end, zeros, final (0/1). Each
+   * adds bytes [start, end) of `data` (none when start = end), then `zeros`
+   * zero bytes; final closes the chunk, whose CRC comes to onPieceCrc.
+   * `data`'s memory moves to the worker when `give` is set and it owns it
+   * (the caller must not touch it afterwards); otherwise the bytes used are copied.
    */
-  piece(chunk: number, data: Buffer | null, start: number, end: number, zeros: number, final: boolean, give: boolean): void {
-    if (this.failed) return;
+  pieces(data: Buffer | null, items: number[], give: boolean): void {
+    if (this.failed || items.length === 0) return;
     let view: Uint8Array | null = null;
-    let offset = start;
     let transfer: ArrayBuffer[] = [];
+    let shift = 0;
     if (data) {
       const own = give && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && !(data.buffer instanceof SharedArrayBuffer);
       if (own) {
         view = new Uint8Array(data.buffer, 0, data.byteLength);
         transfer = [data.buffer as ArrayBuffer];
       } else {
-        view = new Uint8Array(data.subarray(start, end));
-        offset = 0;
+        // Copy only the span the items use.
+        let lo = Infinity;
+        let hi = 0;
+        for (let i = 0; i < items.length; i += 5) {
+          if (items[i + 2] > items[i + 1]) {
+            lo = Math.min(lo, items[i + 1]);
+            hi = Math.max(hi, items[i + 2]);
+          }
+        }
+        if (hi > lo) {
+          view = new Uint8Array(data.subarray(lo, hi));
+          shift = lo;
+        }
       }
     }
-    const len = end - start;
-    this.worker.postMessage({ kind: 'piece', chunk, data: view, start: offset, end: offset + len, zeros, final }, transfer);
+    if (shift !== 0) {
+      items = items.slice();
+      for (let i = 0; i < items.length; i += 5) {
+        if (items[i + 2] > items[i + 1]) {
+          items[i + 1] -= shift;
+          items[i + 2] -= shift;
+        }
+      }
+    }
+    this.worker.postMessage({ kind: 'pieces', data: view, items }, transfer);
+  }
+
+  /** One piece, in a message of its own (see pieces()). */
+  piece(chunk: number, data: Buffer | null, start: number, end: number, zeros: number, final: boolean, give: boolean): void {
+    this.pieces(data, [chunk, data ? start : 0, data ? end : 0, zeros, final ? 1 : 0], give);
   }
 
   async close(): Promise<void> {

@@ -23,7 +23,7 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
-import { ChunkDigester } from './digests';
+import { InlinePieceDigester } from './crc-pieces';
 import { StreamVerifier } from './verify';
 
 export class LoadError extends QemuSnapError {}
@@ -113,8 +113,10 @@ export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): P
 
 async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResult> {
   const ps = snap.header.pageSize;
-  const readSize = opts.readSize ?? 1 << 20;
   const postcopy = opts.postcopy !== undefined;
+  // Measured on the 2-vCPU bench VM: 2 and 4 MiB reads were no faster
+  // than 1 MiB (fresh larger buffers cost more page faults), 512 KiB no faster either.
+  const readSize = opts.readSize ?? 1 << 20;
   const maxInFlight = opts.maxInFlight ?? 8;
   const reader = new OrderedBlockReader(
     { read: (offset: number, length: number) => snap.image.read(offset, length) },
@@ -148,10 +150,11 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // RAM is checked against the save's digests alongside the stream; the
   // device state (or EOF) that lets the destination finish waits for it.
   let verifier: StreamVerifier | null = null;
-  let digester: ChunkDigester | null = null;
   if (snap.digests && opts.verify !== false) {
-    digester = new ChunkDigester(ps);
-    verifier = new StreamVerifier(snap, digester);
+    // CRC-32 on this thread: as fast as the digest worker through a pipe,
+    // with ~0.2 s less CPU per GiB (no buffer transfers, no worker GC),
+    // which the destination QEMU on the same CPUs can use.
+    verifier = new StreamVerifier(snap, new InlinePieceDigester());
     verifier.finished.catch((err: Error) => reader.destroy(err));
   }
   // Precopy to a file descriptor (the CLI's pipe, or --output) is written
@@ -287,7 +290,6 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   } finally {
     clearInterval(progress);
     if (ownFd !== null) fs.closeSync(ownFd);
-    await digester?.close();
     opts.signal?.removeEventListener('abort', onAbort);
     rpGate?.destroy();
   }

@@ -1,7 +1,8 @@
-// Checking RAM against the digests recorded at save: chunk by chunk, reads
-// from the image (page cache when the loader just read it), CRC-32 in the
-// digest worker. Used by `load` (alongside the stream) and by `verify`.
+// Checking RAM against the digests recorded at save: chunk by chunk, CRC-32
+// of what the image reads. `verify` reads the image itself and hashes in
+// the digest worker; `load` hashes the reads it streams (StreamVerifier).
 import { ChunkDigester, DigestMismatchError, zeroChunkCrc } from './digests';
+import type { PieceDigester } from './crc-pieces';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { QemuSnapError } from '../errors';
 
@@ -77,10 +78,10 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
 /**
  * Verifies RAM from the very reads the loader makes, instead of reading the
  * image a second time: background reads come in plan order (ascending disk
- * offsets, holes included), so each chunk's CRC is built piece by piece in
- * the worker; bytes the plan does not cover (padding after a block) are
- * zeros. Each read buffer is handed to the worker once the encoder has
- * copied its pages out.
+ * offsets, holes included), so each chunk's CRC is built piece by piece;
+ * bytes the plan does not cover (padding after a block) are zeros. Each
+ * read's pieces go to the digester in one call, once the encoder is done
+ * with the buffer (a worker digester may take its memory).
  */
 export class StreamVerifier {
   private readonly cs: number;
@@ -92,11 +93,13 @@ export class StreamVerifier {
   private pending = 0;
   private ended = false;
   private error: Error | null = null;
+  /** Pieces for the worker, sent as one message per add() (see ChunkDigester.pieces). */
+  private batch: number[] = [];
   private done: (() => void) | null = null;
   private fail: ((err: Error) => void) | null = null;
   readonly finished: Promise<void>;
 
-  constructor(private readonly snap: SnapshotContents, private readonly digester: ChunkDigester) {
+  constructor(private readonly snap: SnapshotContents, private readonly digester: PieceDigester) {
     if (!snap.digests) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
     this.cs = snap.digests.chunkSize;
     this.finished = new Promise<void>((resolve, reject) => {
@@ -118,7 +121,6 @@ export class StreamVerifier {
       const chunkStart = c * this.cs;
       if (at - chunkStart > this.pos) this.zeros(at - chunkStart - this.pos);
       const n = Math.min(end, chunkStart + this.chunkLength(c)) - at;
-      const last = at + n >= end;
       const closes = at - chunkStart + n >= this.chunkLength(c);
       if (!data && at === chunkStart && closes) {
         // A whole chunk of hole: its CRC is known without hashing zeros.
@@ -128,18 +130,20 @@ export class StreamVerifier {
         continue;
       }
       if (closes) this.pending++;
-      if (data) this.digester.piece(c, data, at - offset, at - offset + n, 0, closes, last);
-      else this.digester.piece(c, null, 0, 0, n, closes, false);
+      if (data) this.batch.push(c, at - offset, at - offset + n, 0, closes ? 1 : 0);
+      else this.batch.push(c, 0, 0, n, closes ? 1 : 0);
       this.pos = at - chunkStart + n;
       if (closes) this.chunk = -1;
       at += n;
     }
+    this.send(data);
   }
 
   /** The plan is exhausted: close the last chunk; `finished` settles when every CRC is checked. */
   end(): void {
     if (this.chunk >= 0) this.moveTo(-1);
     this.skipTo(this.snap.digests?.chunks.length ?? 0);
+    this.send(null);
     this.ended = true;
     this.settle();
   }
@@ -152,7 +156,7 @@ export class StreamVerifier {
   private moveTo(next: number): void {
     if (this.chunk >= 0) {
       this.pending++;
-      this.digester.piece(this.chunk, null, 0, 0, this.chunkLength(this.chunk) - this.pos, true, false);
+      this.batch.push(this.chunk, 0, 0, this.chunkLength(this.chunk) - this.pos, 1);
     }
     if (next >= 0) this.skipTo(next);
     this.chunk = next;
@@ -166,8 +170,16 @@ export class StreamVerifier {
   }
 
   private zeros(n: number): void {
-    this.digester.piece(this.chunk, null, 0, 0, n, false, false);
+    this.batch.push(this.chunk, 0, 0, n, 0);
     this.pos += n;
+  }
+
+  /** Hands the batch to the worker, with `data` (which moves there when it can). */
+  private send(data: Buffer | null): void {
+    if (this.batch.length === 0) return;
+    const items = this.batch;
+    this.batch = [];
+    this.digester.pieces(data, items, true);
   }
 
   private check(c: number, crc: number, fromWorker = true): void {
