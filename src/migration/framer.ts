@@ -13,6 +13,7 @@ import { StreamFormatError } from './errors';
 import { printable } from '../util/text';
 import type {
   ConfigurationSubsection,
+  FramedRecord,
   MigrationRecord,
   RamBlockInfo,
 } from './records';
@@ -26,6 +27,8 @@ const MAX_RAM_BLOCKS = 1000;
 const MAX_VMDESC_LENGTH = 64 * 1024 * 1024;
 const MAX_MACHINE_NAME = 256;
 const MAX_CAPABILITIES = 256;
+/** Most records in one page run. */
+const PAGE_RUN_MAX = 1024;
 const KNOWN_RAM_FLAGS =
   RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE |
   RamFlag.XBZRLE | RamFlag.HOOK | RamFlag.COMPRESS_PAGE | RamFlag.MULTIFD_FLUSH;
@@ -68,6 +71,15 @@ class ChunkQueue {
   available = 0;
   /** Absolute stream offset of the next unconsumed byte. */
   consumed = 0;
+
+  /** The chunk holding the read position, and where in it that is. */
+  get headChunk(): Buffer {
+    return this.head;
+  }
+
+  get headPos(): number {
+    return this.pos;
+  }
 
   push(chunk: Buffer): void {
     if (this.chunks.length === 0) {
@@ -231,15 +243,22 @@ const enum Tail {
 export interface MigrationFramerOptions {
   /** Target page size when the stream has no target-page-bits subsection (default 4096). */
   pageSize?: number;
+  /**
+   * Emit runs of PAGE/ZERO records (`ram-page-run`) instead of one record per
+   * page where the records lie in one input chunk (default false).
+   */
+  pageRuns?: boolean;
 }
 
 function recordByteLength(data: unknown): number {
   if (Buffer.isBuffer(data)) return data.length;
-  const r = data as MigrationRecord;
+  const r = data as FramedRecord;
   switch (r.type) {
     case 'ram-page':
     case 'device-state':
       return r.data.length;
+    case 'ram-page-run':
+      return r.byteLength;
     default:
       return 64;
   }
@@ -267,6 +286,17 @@ export class MigrationFramer extends Transform {
   private blockIds: Buffer[] = [];
   private lastBlock: RamBlockInfo | null = null;
 
+  // The page run being gathered (pageRuns): records of runBlock in runSource.
+  private readonly pageRuns: boolean;
+  private readonly runAddresses = new Float64Array(PAGE_RUN_MAX);
+  private readonly runDataAt = new Int32Array(PAGE_RUN_MAX);
+  private runCount = 0;
+  private runBlock: RamBlockInfo | null = null;
+  private runSource: Buffer = EMPTY;
+  private runOffset = 0;
+  private runContinued = false;
+  private runBytes = 0;
+
   /** Device phase: relative position of the earliest tail candidate not yet ruled out. */
   private tailScan = 0;
 
@@ -278,6 +308,7 @@ export class MigrationFramer extends Transform {
     }
     this.pageSize = pageSize;
     this.mask = pageSize - 1;
+    this.pageRuns = opts.pageRuns === true;
   }
 
   /** RAM blocks announced so far by MEM_SIZE. */
@@ -342,7 +373,7 @@ export class MigrationFramer extends Transform {
   }
 
   /** Typed push: the readable side carries MigrationRecord objects only. */
-  override push(record: MigrationRecord | null): boolean {
+  override push(record: FramedRecord | null): boolean {
     return super.push(record);
   }
 
@@ -608,6 +639,15 @@ export class MigrationFramer extends Transform {
 
   /** One pass over as many RAM records as are complete. Returns true when the body ended (EOS). */
   private parseRam(): boolean {
+    try {
+      return this.parseRamRecords();
+    } finally {
+      // A run never outlives the pass: the next chunk may start a new one.
+      this.flushPageRun();
+    }
+  }
+
+  private parseRamRecords(): boolean {
     const q = this.q;
     const pageSize = this.pageSize;
     const mask = this.mask;
@@ -636,14 +676,23 @@ export class MigrationFramer extends Transform {
         if (address + pageSize > block.length) {
           this.fail(offset, `RAM page at 0x${address.toString(16)} is past the end of block "${printable(block.id, 64)}" (length 0x${block.length.toString(16)})`, 'ram');
         }
-        if (base === RamFlag.PAGE) {
-          if (q.available < rel + pageSize) return false;
+        const isPage = base === RamFlag.PAGE;
+        const size = rel + (isPage ? pageSize : 1);
+        if (q.available < size) return false;
+        const at = q.headPos;
+        if (this.pageRuns && at + size <= q.headChunk.length) {
+          this.addToPageRun(offset, block, address, continued, isPage ? at + rel : -1 - q.byteAt(rel), size);
+          q.skip(size);
+          this.lastBlock = block;
+          continue;
+        }
+        this.flushPageRun();
+        if (isPage) {
           q.skip(rel);
           const data = q.take(pageSize);
           this.lastBlock = block;
           this.push({ type: 'ram-page', offset, block, address, data, continued });
         } else {
-          if (q.available < rel + 1) return false;
           const fill = q.byteAt(rel);
           q.skip(rel + 1);
           this.lastBlock = block;
@@ -651,6 +700,7 @@ export class MigrationFramer extends Transform {
         }
         continue;
       }
+      this.flushPageRun();
       if ((flags & ~KNOWN_RAM_FLAGS) !== 0) {
         this.fail(offset, `unknown RAM flags 0x${flags.toString(16)}`, 'ram');
       }
@@ -674,6 +724,43 @@ export class MigrationFramer extends Transform {
           this.fail(offset, `invalid RAM flag combination 0x${flags.toString(16)}`, 'ram');
       }
     }
+  }
+
+  /** Adds a record lying wholly in the head chunk to the run, starting a new run when it cannot join. */
+  private addToPageRun(offset: number, block: RamBlockInfo, address: number, continued: boolean, dataAt: number, size: number): void {
+    const source = this.q.headChunk;
+    if (this.runCount > 0 && (!continued || block !== this.runBlock || source !== this.runSource || this.runCount === PAGE_RUN_MAX)) {
+      this.flushPageRun();
+    }
+    if (this.runCount === 0) {
+      this.runBlock = block;
+      this.runSource = source;
+      this.runOffset = offset;
+      this.runContinued = continued;
+      this.runBytes = 0;
+    }
+    this.runAddresses[this.runCount] = address;
+    this.runDataAt[this.runCount] = dataAt;
+    this.runCount++;
+    this.runBytes += size;
+  }
+
+  private flushPageRun(): void {
+    const count = this.runCount;
+    if (count === 0) return;
+    this.runCount = 0;
+    this.push({
+      type: 'ram-page-run',
+      offset: this.runOffset,
+      block: this.runBlock as RamBlockInfo,
+      count,
+      addresses: this.runAddresses.slice(0, count),
+      dataAt: this.runDataAt.slice(0, count),
+      source: this.runSource,
+      continued: this.runContinued,
+      byteLength: this.runBytes,
+    });
+    this.runSource = EMPTY;
   }
 
   private lookupBlock(n: number, offset: number): RamBlockInfo {

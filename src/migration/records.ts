@@ -149,3 +149,50 @@ export type MigrationRecord =
   | VmDescriptionRecord;
 
 export type MigrationRecordType = MigrationRecord['type'];
+
+/**
+ * Consecutive PAGE and ZERO records of one block whose bytes all lie in one
+ * input chunk: what MigrationFramer emits instead of single page records
+ * when asked for page runs. One object per run instead of one per page is
+ * what lets a consumer keep up with a pipe (a 1 GiB stream has 500k pages).
+ * `expandPageRun` turns it back into the single records it stands for.
+ */
+export interface RamPageRunRecord {
+  type: 'ram-page-run';
+  /** Stream offset of the first record. */
+  offset: number;
+  block: RamBlockInfo;
+  count: number;
+  /** Byte address within the block of each record's page. */
+  addresses: Float64Array;
+  /** Where each PAGE's data starts in `source`; for a ZERO record, -1 - fill byte. */
+  dataAt: Int32Array;
+  /** The input chunk the records lie in. */
+  source: Buffer;
+  /** The first record had CONTINUE; every later one has it (else it would start a new run). */
+  continued: boolean;
+  /** Stream bytes the run covers. */
+  byteLength: number;
+}
+
+/** What a framer with page runs enabled emits. */
+export type FramedRecord = MigrationRecord | RamPageRunRecord;
+
+/** The single PAGE/ZERO records a run stands for, in stream order (for tests and tools). */
+export function expandPageRun(run: RamPageRunRecord, pageSize: number): Array<RamPageRecord | RamZeroRecord> {
+  const out: Array<RamPageRecord | RamZeroRecord> = [];
+  let offset = run.offset;
+  for (let i = 0; i < run.count; i++) {
+    const continued = i > 0 || run.continued;
+    const header = continued ? 8 : 9 + Buffer.byteLength(run.block.id, 'latin1');
+    const at = run.dataAt[i];
+    if (at >= 0) {
+      out.push({ type: 'ram-page', offset, block: run.block, address: run.addresses[i], data: run.source.subarray(at, at + pageSize), continued });
+      offset += header + pageSize;
+    } else {
+      out.push({ type: 'ram-zero', offset, block: run.block, address: run.addresses[i], fill: -1 - at, continued });
+      offset += header + 1;
+    }
+  }
+  return out;
+}

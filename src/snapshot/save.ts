@@ -18,7 +18,7 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
 import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './layout';
-import { ChunkDigester, DIGEST_CHUNK_SIZE, encodeDigestTable } from './digests';
+import { DIGEST_CHUNK_SIZE, encodeDigestTable } from './digests';
 import { ChunkTracker } from './chunk-tracker';
 import * as zlib from 'node:zlib';
 
@@ -84,13 +84,11 @@ class ImageBlockTarget implements BlockWriteTarget {
       const data = buffers.length === 1 ? buffers[0] : Buffer.concat(buffers);
       return image.writeVmState(offset - image.vmStateOffset, data);
     }
-    const tracker = this.tracker;
     let length = 0;
     for (const b of buffers) length += b.length;
     this.writeback(image, length);
-    if (!tracker) return image.writev(offset, buffers);
-    tracker.writeStarted(offset, length);
-    return image.writev(offset, buffers).then(() => tracker.writeDone(offset, length));
+    this.tracker?.write(offset, buffers);
+    return image.writev(offset, buffers);
   }
 }
 
@@ -107,8 +105,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   let creating: Promise<Qcow2Image | null> | null = null;
 
   const gate = new InputGate(input);
-  const digester = opts.digests === false ? null : new ChunkDigester(opts.pageSize ?? 4096);
-  const framer = new MigrationFramer({ pageSize: opts.pageSize });
+  const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
   let returnPathOpen = false;
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
@@ -117,7 +114,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       creating = created.catch(() => null);
       const image = await created;
       blockTarget.image = image;
-      if (digester) blockTarget.tracker = new ChunkTracker(image, virtualSize, digester);
+      if (opts.digests !== false) blockTarget.tracker = new ChunkTracker(image, virtualSize);
       return image.vmStateOffset;
     },
     onCommand: (command, payload) => {
@@ -127,7 +124,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       }
     },
   });
-  const ring = new OrderedBlockWriter(blockTarget, { maxInFlight: opts.maxInFlight });
+  const ring = new OrderedBlockWriter(blockTarget, { maxInFlight: opts.maxInFlight, onComplete: (w) => writer.writeDone(w) });
 
   // A source with a return path waits for SHUT before it closes the pipe:
   // end the input ourselves once what arrived is a complete stream and
@@ -180,7 +177,6 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   } finally {
     clearInterval(watch);
     opts.signal?.removeEventListener('abort', onAbort);
-    await digester?.close();
     if (!ok) {
       gate.destroy();
       // Assigned in a callback: TypeScript's narrowing cannot see it.

@@ -9,10 +9,11 @@
 import { Transform } from 'streamx';
 import type { BlockWrite } from '../blockio';
 import { encodeRecord } from '../migration/encoder';
-import type { MigrationRecord } from '../migration/records';
+import type { FramedRecord, MigrationRecord, RamPageRunRecord } from '../migration/records';
 import { Command } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { layoutRamBlocks, RamBlockLayout, VMSTATE_HEADER_SIZE, isValidPageSize } from './layout';
+import { RunBufferPool } from './run-buffers';
 
 export class SnapshotSaveError extends QemuSnapError {
   constructor(readonly streamOffset: number, message: string) {
@@ -27,7 +28,10 @@ export interface SnapshotWriterOptions {
   prepareImage(virtualSize: number, blocks: RamBlockLayout[]): Promise<number>;
   /** Commands are not stored; the caller may answer them (PING → PONG). */
   onCommand?(command: number, payload: Buffer, streamOffset: number): void;
-  /** Largest coalesced write, in bytes. */
+  /**
+   * Largest coalesced write, in bytes (default 1 MiB, a power of two). Runs
+   * never cross a multiple of it, so each lies in one digest chunk.
+   */
   maxRunBytes?: number;
 }
 
@@ -73,12 +77,14 @@ export class SnapshotWriter extends Transform {
   private sawEof = false;
   private returnPath = false;
 
-  // The run being coalesced: contiguous pages on the virtual disk.
+  // The run being coalesced: contiguous pages on the virtual disk, copied
+  // into one pool buffer so the image gets one plain write per run.
   private runOffset = 0;
   private runLength = 0;
-  private runBuffers: Buffer[] = [];
+  private run: Buffer | null = null;
   private readonly maxRunBytes: number;
-  private zeroPage: Buffer;
+  private readonly pool: RunBufferPool;
+  private fillPage: Buffer | null = null;
 
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
@@ -88,7 +94,18 @@ export class SnapshotWriter extends Transform {
     });
     this.pageSize = opts.pageSize ?? 4096;
     this.maxRunBytes = opts.maxRunBytes ?? 1 << 20;
-    this.zeroPage = Buffer.alloc(this.pageSize);
+    if (this.maxRunBytes < 65536 || (this.maxRunBytes & (this.maxRunBytes - 1)) !== 0) {
+      throw new RangeError(`maxRunBytes must be a power of two of at least 64 KiB, got ${this.maxRunBytes}`);
+    }
+    this.pool = new RunBufferPool(this.maxRunBytes);
+  }
+
+  /**
+   * A write this writer pushed has completed: its run buffer may be reused.
+   * Without these calls the buffers are simply left to the GC.
+   */
+  writeDone(w: BlockWrite): void {
+    if (w.buffers.length === 1) this.pool.release(w.buffers[0]);
   }
 
   summary(): SnapshotSummary {
@@ -112,21 +129,19 @@ export class SnapshotWriter extends Transform {
     return Buffer.concat(this.leader, this.leaderLength);
   }
 
-  override _transform(rec: MigrationRecord, cb: (err: Error | null, out?: unknown) => void): void {
+  override _transform(rec: FramedRecord, cb: (err: Error | null, out?: unknown) => void): void {
     try {
       switch (rec.type) {
+        case 'ram-page-run':
+          this.storeRun(rec);
+          return cb(null);
         case 'ram-page':
           this.pageRecords++;
-          this.storePage(rec.block.index, rec.address, rec.data);
+          this.storePage(rec.block.index, rec.address, rec.data, 0);
           return cb(null);
         case 'ram-zero':
           this.zeroRecords++;
-          if (rec.fill !== 0) {
-            // QEMU only sends 0, but the format allows a fill byte: store it as data.
-            this.storePage(rec.block.index, rec.address, Buffer.alloc(this.pageSize, rec.fill));
-          } else {
-            this.storeZero(rec.block.index, rec.address);
-          }
+          this.storeZeroRecord(rec.block.index, rec.address, rec.fill);
           return cb(null);
         case 'command':
           if (rec.command === Command.OPEN_RETURN_PATH) this.returnPath = true;
@@ -202,9 +217,9 @@ export class SnapshotWriter extends Transform {
   }
 
   private setPageSize(n: number): void {
+    if (n > this.maxRunBytes) throw new RangeError(`page size ${n} is larger than a run (${this.maxRunBytes})`);
     this.pageSize = n;
     this.pageShift = Math.log2(n);
-    if (this.zeroPage.length !== n) this.zeroPage = Buffer.alloc(n);
   }
 
   private appendLeader(rec: MigrationRecord): void {
@@ -246,7 +261,32 @@ export class SnapshotWriter extends Transform {
     this.push({ offset, length, buffers: parts });
   }
 
-  private storePage(blockIndex: number, address: number, data: Buffer): void {
+  private storeRun(run: RamPageRunRecord): void {
+    const index = run.block.index;
+    const { addresses, dataAt, source } = run;
+    for (let i = 0; i < run.count; i++) {
+      const at = dataAt[i];
+      if (at >= 0) {
+        this.pageRecords++;
+        this.storePage(index, addresses[i], source, at);
+      } else {
+        this.zeroRecords++;
+        this.storeZeroRecord(index, addresses[i], -1 - at);
+      }
+    }
+  }
+
+  private storeZeroRecord(blockIndex: number, address: number, fill: number): void {
+    if (fill === 0) return this.storeZero(blockIndex, address);
+    // QEMU only sends 0, but the format allows a fill byte: store it as data.
+    if (this.fillPage === null || this.fillPage.length !== this.pageSize || this.fillPage[0] !== fill) {
+      this.fillPage = Buffer.alloc(this.pageSize, fill);
+    }
+    this.storePage(blockIndex, address, this.fillPage, 0);
+  }
+
+  /** A data page: `pageSize` bytes of `src` from `start`. */
+  private storePage(blockIndex: number, address: number, src: Buffer, start: number): void {
     const st = this.blockStates[blockIndex];
     const page = this.pageOf(address);
     const bit = 1 << (page & 7);
@@ -255,7 +295,9 @@ export class SnapshotWriter extends Transform {
       st.dataBits[byte] |= bit;
       this.dataPages++;
     }
-    this.addToRun(st.layout.offset + address, data);
+    const run = this.runFor(st.layout.offset + address);
+    src.copy(run, this.runLength, start, start + this.pageSize);
+    this.endPage();
   }
 
   private storeZero(blockIndex: number, address: number): void {
@@ -268,7 +310,9 @@ export class SnapshotWriter extends Transform {
     if ((st.dataBits[byte] & bit) === 0) return;
     st.dataBits[byte] &= ~bit;
     this.dataPages--;
-    this.addToRun(st.layout.offset + address, this.zeroPage);
+    const run = this.runFor(st.layout.offset + address);
+    run.fill(0, this.runLength, this.runLength + this.pageSize);
+    this.endPage();
   }
 
   /** Page number of a block address (a shift while it fits 32 bits). */
@@ -276,19 +320,29 @@ export class SnapshotWriter extends Transform {
     return address >>> 0 === address ? address >>> this.pageShift : Math.floor(address / this.pageSize);
   }
 
-  private addToRun(diskOffset: number, data: Buffer): void {
-    if (this.runLength > 0 && (diskOffset !== this.runOffset + this.runLength || this.runLength + data.length > this.maxRunBytes)) {
-      this.flushRun();
+  /** The run buffer the page at `diskOffset` goes into (at runLength), ending the current run if it cannot take it. */
+  private runFor(diskOffset: number): Buffer {
+    if (this.run !== null && diskOffset !== this.runOffset + this.runLength) this.flushRun();
+    if (this.run === null) {
+      this.run = this.pool.take();
+      this.runOffset = diskOffset;
+      this.runLength = 0;
     }
-    if (this.runLength === 0) this.runOffset = diskOffset;
-    this.runBuffers.push(data);
-    this.runLength += data.length;
+    return this.run;
+  }
+
+  /** The page went into the run: close the run at a multiple of maxRunBytes. */
+  private endPage(): void {
+    this.runLength += this.pageSize;
+    if ((this.runOffset + this.runLength) % this.maxRunBytes === 0) this.flushRun();
   }
 
   private flushRun(): void {
-    if (this.runLength === 0) return;
-    this.push({ offset: this.runOffset, length: this.runLength, buffers: this.runBuffers });
-    this.runBuffers = [];
+    const run = this.run;
+    if (run === null) return;
+    this.run = null;
+    if (this.runLength === 0) return this.pool.release(run);
+    this.push({ offset: this.runOffset, length: this.runLength, buffers: [run.subarray(0, this.runLength)] });
     this.runLength = 0;
   }
 }

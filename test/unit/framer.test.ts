@@ -3,7 +3,7 @@ import * as assert from 'uvu/assert';
 import { MigrationFramer } from '../../src/migration/framer';
 import { StreamFormatError } from '../../src/migration/errors';
 import { QemuSnapError } from '../../src/errors';
-import type { MigrationRecord } from '../../src/migration/records';
+import { expandPageRun, FramedRecord, MigrationRecord } from '../../src/migration/records';
 import { BLOCKS, StreamBuilder, completeStream, frame, leader, prng } from './synthetic-stream';
 
 /** Records as plain JSON-able values (buffers as hex), for deep comparison across chunkings. */
@@ -118,6 +118,26 @@ test('identical records for 1-byte chunks and random chunkings (fixed seed)', as
       const max = [3, 17, 700, 5000][round % 4];
       assert.equal(normalize(await frame(input, () => 1 + Math.floor(rnd() * max))), whole, `round ${round}`);
     }
+  }
+});
+
+test('page runs: expanded, the same records as one per page, for any chunking (fixed seed)', async () => {
+  const input = completeStream({ postcopy: true });
+  const whole = normalize(await frame(input));
+  const expand = (records: MigrationRecord[]): MigrationRecord[] =>
+    (records as FramedRecord[]).flatMap((r) => (r.type === 'ram-page-run' ? expandPageRun(r, 4096) : [r]));
+  const runs = (await frame(input, [input.length], { pageRuns: true })) as FramedRecord[];
+  const longest = Math.max(0, ...runs.map((r) => (r.type === 'ram-page-run' ? r.count : 0)));
+  assert.ok(longest > 1, 'one chunk: the pages come as runs');
+  for (const r of runs) {
+    if (r.type === 'ram-page-run') assert.is(r.source.buffer, input.buffer, 'a run points into the input chunk');
+  }
+  assert.equal(normalize(expand(runs as MigrationRecord[])), whole);
+  const rnd = prng(99);
+  for (let round = 0; round < 20; round++) {
+    const max = [3, 17, 700, 5000, 70000][round % 5];
+    const got = await frame(input, () => 1 + Math.floor(rnd() * max), { pageRuns: true });
+    assert.equal(normalize(expand(got)), whole, `round ${round}`);
   }
 });
 

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
+import * as zlib from 'node:zlib';
 import { Readable, Writable } from 'streamx';
 import { StreamBuilder, BLOCKS } from './synthetic-stream';
 import { saveSnapshot } from '../../src/snapshot/save';
@@ -83,6 +84,61 @@ test('the last send of a page wins on disk; the data-page count is exact', async
   }
   const v = await verifySnapshot(image);
   assert.is(v.dataPages, 4);
+});
+
+test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any chunking: right on disk and in the digests', async () => {
+  const big = [{ id: 'pc.ram', length: 3 << 20 }, { id: 'vga.vram', length: 1 << 20 }];
+  const pages = (3 << 20) / PS;
+  const b = new StreamBuilder().header().configuration();
+  b.sectionStart(2).memSize(big).eos().footer(2);
+  const want = Buffer.alloc(3 << 20);
+  const fillOf = (p: number, pass: number) => ((p * 7 + pass * 13) % 250) + 1;
+  // Pass 1: every page except every 5th, which is sent as zero.
+  b.sectionPart(2);
+  for (let p = 0; p < pages; p++) {
+    const first = p === 0;
+    if (p % 5 === 0) b.zero(p * PS, first ? 'pc.ram' : null);
+    else {
+      b.page(p * PS, first ? 'pc.ram' : null, page(fillOf(p, 1)));
+      want.fill(fillOf(p, 1), p * PS, (p + 1) * PS);
+    }
+  }
+  b.eos().footer(2);
+  // Pass 2 (a live VM): some pages of the second MiB again with new data,
+  // some as zero; the first and third MiB keep their in-order digests.
+  b.sectionPart(2);
+  for (let p = 259; p < 510; p += 97) {
+    b.page(p * PS, p === 259 ? 'pc.ram' : null, page(fillOf(p, 2)));
+    want.fill(fillOf(p, 2), p * PS, (p + 1) * PS);
+    b.zero((p + 1) * PS, null);
+    want.fill(0, (p + 1) * PS, (p + 2) * PS);
+  }
+  b.page(0, 'vga.vram', page(0x55)).eos().footer(2);
+  b.sectionEnd(2).eos().footer(2);
+  b.device(3, 'timer', Buffer.from([1, 2, 3]));
+  b.eof();
+  const stream = b.build();
+  for (const chunk of [5000, 1 << 20, stream.length]) {
+    const image = path.join(dir, `runs-${chunk}.qcow2`);
+    await saveSnapshot(nodeStream(stream, chunk), image, { force: true });
+    const snap = await openSnapshot(image);
+    try {
+      assert.ok((await snap.image.read(0, want.length)).equals(want), `pc.ram content, chunks of ${chunk}`);
+      assert.ok((await snap.image.read(snap.blocks[1].offset, PS)).equals(page(0x55)));
+      const table = snap.digests?.chunks ?? [];
+      const cs = snap.digests?.chunkSize ?? 0;
+      assert.is(table.length, snap.image.virtualSize / cs);
+      for (let c = 0; c < table.length; c++) {
+        assert.is(table[c], zlib.crc32(await snap.image.read(c * cs, cs)), `chunk ${c} digest, chunks of ${chunk}`);
+      }
+    } finally {
+      await snap.image.close();
+    }
+    const v = await verifySnapshot(image);
+    let dataPages = 1;
+    for (let p = 0; p < pages; p++) if (want[p * PS] !== 0) dataPages++;
+    assert.is(v.dataPages, dataPages, `digests and data pages check out, chunks of ${chunk}`);
+  }
 });
 
 test('load sends every page once, with the final content', async () => {

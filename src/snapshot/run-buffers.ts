@@ -1,0 +1,26 @@
+// Reusable buffers for coalesced page runs.
+//
+// A fresh 1 MiB Buffer costs 256 page faults the first time it is filled;
+// at 1 GiB per save that was 0.15-0.2 s of system time. Buffers go back to
+// the pool when their write completed and are handed out again.
+export class RunBufferPool {
+  private readonly free: Buffer[] = [];
+  /** Buffers handed out and not yet given back (weak: one never given back is simply collected). */
+  private readonly lent = new WeakSet<ArrayBufferLike>();
+
+  /** `size` bytes per buffer; at most `keep` idle buffers are kept. */
+  constructor(readonly size: number, private readonly keep = 64) {}
+
+  take(): Buffer {
+    const b = this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+    this.lent.add(b.buffer);
+    return b;
+  }
+
+  /** Gives back the buffer behind `view` (a view of a lent buffer); anything else, or a second release, is ignored. */
+  release(view: Buffer): void {
+    if (!this.lent.has(view.buffer)) return;
+    this.lent.delete(view.buffer);
+    if (this.free.length < this.keep) this.free.push(Buffer.from(view.buffer, 0, this.size));
+  }
+}
