@@ -11,7 +11,14 @@ export class InputGate extends Readable {
   lastDataAt = Date.now();
   private ended = false;
 
-  constructor(private readonly source: NodeJS.ReadableStream) {
+  /**
+   * @param onChunk sees every chunk as it passes, with the stream offset
+   *   just past it (save hands chunks back to the reader from there).
+   */
+  constructor(
+    private readonly source: NodeJS.ReadableStream,
+    private readonly onChunk?: (chunk: Buffer, end: number) => void,
+  ) {
     super({ highWaterMark: 4 << 20 });
     source.on('data', this.onData);
     source.on('end', this.onEnd);
@@ -40,6 +47,7 @@ export class InputGate extends Readable {
     const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
     this.bytes += buf.length;
     this.lastDataAt = Date.now();
+    this.onChunk?.(buf, this.bytes);
     if (!this.push(buf)) this.source.pause();
   };
 

@@ -50,6 +50,49 @@ export interface SaveOptions {
 
 export class SaveAbortedError extends QemuSnapError {}
 
+/** An input that can take back chunks it produced (FdReader). */
+interface RecyclingInput {
+  recycle(chunk: Buffer): boolean;
+}
+
+function isRecycling(input: unknown): input is RecyclingInput {
+  return typeof (input as Partial<RecyclingInput>).recycle === 'function';
+}
+
+/**
+ * Input chunks in stream order, handed back to the reader once the writer
+ * is past them: the reader thread then fills the same memory again instead
+ * of faulting in fresh pages (0.1-0.15 s of system time per GiB).
+ */
+class InputRecycler {
+  private chunks: Buffer[] = [];
+  private ends: number[] = [];
+  private head = 0;
+
+  constructor(private readonly input: RecyclingInput) {}
+
+  add(chunk: Buffer, end: number): void {
+    this.chunks.push(chunk);
+    this.ends.push(end);
+  }
+
+  /** Recycles the chunks that end at or before `offset`. */
+  releaseBefore(offset: number): void {
+    while (this.head < this.ends.length && this.ends[this.head] <= offset) {
+      this.input.recycle(this.chunks[this.head]);
+      this.chunks[this.head] = EMPTY;
+      this.head++;
+    }
+    if (this.head > 1024 && this.head * 2 > this.ends.length) {
+      this.chunks = this.chunks.slice(this.head);
+      this.ends = this.ends.slice(this.head);
+      this.head = 0;
+    }
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+
 export interface SaveResult extends SnapshotSummary {
   imagePath: string;
   streamBytes: number;
@@ -104,7 +147,18 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
 
-  const gate = new InputGate(input);
+  const recycler = isRecycling(input) ? new InputRecycler(input) : null;
+  // Assigned below; the gate's hook only runs once data flows.
+  let writerRef: SnapshotWriter | null = null;
+  const gate = new InputGate(
+    input,
+    recycler
+      ? (chunk, end) => {
+          if (writerRef) recycler.releaseBefore(writerRef.releasedBefore);
+          recycler.add(chunk, end);
+        }
+      : undefined,
+  );
   const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
   let returnPathOpen = false;
   const writer = new SnapshotWriter({
@@ -124,6 +178,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       }
     },
   });
+  writerRef = writer;
   const ring = new OrderedBlockWriter(blockTarget, { maxInFlight: opts.maxInFlight, onComplete: (w) => writer.writeDone(w) });
 
   // A source with a return path waits for SHUT before it closes the pipe:

@@ -86,6 +86,14 @@ export class SnapshotWriter extends Transform {
   private readonly pool: RunBufferPool;
   private fillPage: Buffer | null = null;
 
+  /**
+   * Every stream byte before this offset has been dealt with and nothing
+   * here refers to it any more (RAM records are copied; the leader is kept
+   * as one copy): the input chunks holding only such bytes may be reused.
+   * It stops at the device state, whose chunks are written as they are.
+   */
+  releasedBefore = 0;
+
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
       highWaterMark: 4 << 20,
@@ -134,6 +142,7 @@ export class SnapshotWriter extends Transform {
       switch (rec.type) {
         case 'ram-page-run':
           this.storeRun(rec);
+          if (this.phase === 'ram') this.releasedBefore = rec.offset;
           return cb(null);
         case 'ram-page':
           this.pageRecords++;
@@ -239,6 +248,9 @@ export class SnapshotWriter extends Transform {
     }
     this.phase = 'ram';
     const leader = this.leaderBytes();
+    // One copy instead of views into the input, which may be reused.
+    this.leader.length = 0;
+    this.leader.push(leader);
     this.push({ offset: this.vmStateBase + VMSTATE_HEADER_SIZE, length: leader.length, buffers: [leader] });
   }
 

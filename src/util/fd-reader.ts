@@ -3,7 +3,7 @@
 // piece costs a trip through the streams. A worker doing blocking reads
 // gathers them into 512 KiB chunks (transferred, not copied) while the main
 // thread parses the previous ones.
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, MessagePort, Worker } from 'node:worker_threads';
 import { Readable } from 'streamx';
 import { QemuSnapError } from '../errors';
 
@@ -20,9 +20,14 @@ export class FdStreamError extends QemuSnapError {
 // credits[0] counts the bytes it may still send before main asks for more
 // (bytes, not chunks: a writer of small pieces must not starve it).
 const READER_SRC = `
-const { parentPort, workerData } = require('node:worker_threads');
+const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads');
 const fs = require('node:fs');
-const { fd, chunkSize, credits, pipeSize } = workerData;
+const { fd, chunkSize, credits, pipeSize, recycled } = workerData;
+// A chunk main is done with comes back here: filling it again costs no page faults.
+const fresh = () => {
+  const m = receiveMessageOnPort(recycled);
+  return m ? Buffer.from(m.message) : Buffer.allocUnsafeSlow(chunkSize);
+};
 const pause = new Int32Array(new SharedArrayBuffer(4));
 let backoff = 0.02;
 let buf = Buffer.allocUnsafeSlow(chunkSize);
@@ -31,7 +36,7 @@ const send = () => {
   Atomics.sub(credits, 0, len);
   const ab = buf.buffer;
   parentPort.postMessage({ ab, len }, [ab]);
-  buf = Buffer.allocUnsafeSlow(chunkSize);
+  buf = fresh();
   len = 0;
 };
 for (;;) {
@@ -88,6 +93,8 @@ export interface FdReaderOptions {
 /** A readable of an fd's bytes (stdin: fd 0), read by a worker thread. */
 export class FdReader extends Readable {
   private readonly worker: Worker;
+  private readonly recycled: MessagePort;
+  private readonly chunkSize: number;
   private readonly credits: Int32Array;
   /** Credits at which a stalled worker is woken (half the read-ahead window). */
   private readonly wakeAt: number;
@@ -97,6 +104,9 @@ export class FdReader extends Readable {
   constructor(readonly fd: number, opts: FdReaderOptions = {}) {
     const chunkSize = opts.chunkSize ?? 512 << 10;
     super({ highWaterMark: chunkSize * 2 });
+    this.chunkSize = chunkSize;
+    const channel = new MessageChannel();
+    this.recycled = channel.port1;
     this.credits = new Int32Array(new SharedArrayBuffer(4));
     const window = (opts.readAhead ?? 4) * chunkSize;
     this.credits[0] = window;
@@ -107,7 +117,8 @@ export class FdReader extends Readable {
       eval: true,
       stdout: true,
       stderr: true,
-      workerData: { fd, chunkSize, credits: this.credits, pipeSize: opts.pipeSize ?? 65536 },
+      workerData: { fd, chunkSize, credits: this.credits, pipeSize: opts.pipeSize ?? 65536, recycled: channel.port2 },
+      transferList: [channel.port2],
       // It holds no JS data to speak of: a small heap keeps peak RSS down.
       resourceLimits: WORKER_HEAP,
     });
@@ -115,6 +126,19 @@ export class FdReader extends Readable {
     this.worker.unref();
     this.worker.on('message', this.onMessage);
     this.worker.on('error', (err: Error) => this.destroy(new FdStreamError(fd, 'EIO', `reader thread: ${err.message}`)));
+  }
+
+  /**
+   * Gives a chunk this reader pushed back for reuse. The caller vouches that
+   * nothing refers to its bytes any more: its memory moves to the reader
+   * thread (every view of it in this thread becomes empty). Small chunks
+   * (a pipe that ran dry) are not reused. Returns whether it was taken.
+   */
+  recycle(chunk: Buffer): boolean {
+    const ab = chunk.buffer;
+    if (this.done || ab instanceof SharedArrayBuffer || ab.byteLength !== this.chunkSize || chunk.byteOffset !== 0) return false;
+    this.recycled.postMessage(ab, [ab]);
+    return true;
   }
 
   override _read(cb: (err: Error | null) => void): void {
@@ -127,6 +151,7 @@ export class FdReader extends Readable {
 
   override _destroy(cb: (err: Error | null) => void): void {
     this.done = true;
+    this.recycled.close();
     // Blocked in read(), the thread ends when the fd gives EOF or the process exits.
     void this.worker.terminate().catch(() => undefined);
     cb(null);

@@ -86,7 +86,8 @@ test('the last send of a page wins on disk; the data-page count is exact', async
   assert.is(v.dataPages, 4);
 });
 
-test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any chunking: right on disk and in the digests', async () => {
+/** 4 MiB of RAM: pages across 1 MiB boundaries, some re-sent as data or as zero; `want` is pc.ram's final content. */
+function runsStream(): { stream: Buffer; want: Buffer; pages: number } {
   const big = [{ id: 'pc.ram', length: 3 << 20 }, { id: 'vga.vram', length: 1 << 20 }];
   const pages = (3 << 20) / PS;
   const b = new StreamBuilder().header().configuration();
@@ -118,6 +119,11 @@ test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any
   b.device(3, 'timer', Buffer.from([1, 2, 3]));
   b.eof();
   const stream = b.build();
+  return { stream, want, pages };
+}
+
+test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any chunking: right on disk and in the digests', async () => {
+  const { stream, want, pages } = runsStream();
   for (const chunk of [5000, 1 << 20, stream.length]) {
     const image = path.join(dir, `runs-${chunk}.qcow2`);
     await saveSnapshot(nodeStream(stream, chunk), image, { force: true });
@@ -139,6 +145,46 @@ test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any
     for (let p = 0; p < pages; p++) if (want[p * PS] !== 0) dataPages++;
     assert.is(v.dataPages, dataPages, `digests and data pages check out, chunks of ${chunk}`);
   }
+});
+
+test('input chunks handed back for reuse are really free: scribbling over them changes nothing', async () => {
+  const { stream, want } = runsStream();
+  const size = 64 << 10;
+  let recycled = 0;
+  let next = 0;
+  const input = new Readable({
+    // A chunk per turn of the event loop, like a pipe: the writer gets to
+    // work between chunks.
+    read(cb: (err: Error | null) => void) {
+      setImmediate(() => {
+        if (next >= stream.length) this.push(null);
+        else {
+          const chunk = Buffer.allocUnsafeSlow(Math.min(size, stream.length - next));
+          stream.copy(chunk, 0, next, next + chunk.length);
+          next += chunk.length;
+          this.push(chunk);
+        }
+        cb(null);
+      });
+    },
+  });
+  // What FdReader.recycle does, made loud: the memory is overwritten at once.
+  (input as unknown as { recycle(b: Buffer): boolean }).recycle = (b: Buffer) => {
+    b.fill(0xaa);
+    recycled++;
+    return true;
+  };
+  const image = path.join(dir, 'recycled.qcow2');
+  await saveSnapshot(input as unknown as NodeJS.ReadableStream, image, { force: true });
+  assert.ok(recycled > 10, `chunks were recycled (${recycled})`);
+  const snap = await openSnapshot(image);
+  try {
+    assert.ok((await snap.image.read(0, want.length)).equals(want));
+    assert.ok((await snap.image.read(snap.blocks[1].offset, PS)).equals(page(0x55)));
+  } finally {
+    await snap.image.close();
+  }
+  await verifySnapshot(image);
 });
 
 test('load sends every page once, with the final content', async () => {
