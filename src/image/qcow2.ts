@@ -1,3 +1,4 @@
+import { readSync } from 'fs';
 import { open as openFile } from 'fs/promises';
 import type { FileHandle } from 'fs/promises';
 import { inflateRaw, constants as zlibConstants } from 'zlib';
@@ -266,7 +267,76 @@ export class Qcow2Image {
 
   read(offset: number, length: number): Promise<Buffer> {
     this.checkGuestRange('read', offset, length);
-    return this.track(this.readAt(offset, length));
+    return this.track(this.readAt(offset, length, Buffer.allocUnsafe(length), 0));
+  }
+
+  /**
+   * read() into the caller's buffer: guest bytes [offset, offset+length)
+   * land in `out` from `outOffset` on. Lets a reader reuse its buffers
+   * (fresh ones cost page faults on every read).
+   */
+  readInto(offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+    this.checkGuestRange('read', offset, length);
+    this.checkOut(out, outOffset, length);
+    return this.track(this.readAt(offset, length, out, outOffset)).then(() => undefined);
+  }
+
+  /**
+   * readInto() now, on the calling thread, when that takes no waiting on
+   * metadata: the range's L2 tables are in memory, it holds no compressed
+   * cluster and no copy-on-write is running. Returns false otherwise (out
+   * may then be partly written: use readInto()). For a reader whose data is
+   * in the page cache, where a pread(2) costs less than the two thread
+   * hand-overs of an asynchronous read.
+   */
+  readIntoSync(offset: number, length: number, out: Buffer, outOffset = 0): boolean {
+    this.checkGuestRange('read', offset, length);
+    this.checkOut(out, outOffset, length);
+    if (length === 0) return true;
+    if (this.cow.size !== 0) return false;
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const end = offset + length;
+    for (let l1i = Math.floor(offset / l2Span); l1i <= Math.floor((end - 1) / l2Span); l1i++) {
+      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return false;
+    }
+    let runHost = -1;
+    let runOut = 0;
+    let runLen = 0;
+    let pos = offset;
+    while (pos < end) {
+      const gci = Math.floor(pos / cs);
+      const inCluster = pos - gci * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const at = outOffset + pos - offset;
+      const l1i = Math.floor(gci / this.l2Entries);
+      const table = this.l2Offset(l1i) === 0 ? undefined : this.l2Cache.get(l1i);
+      pos += n;
+      let host = 0;
+      if (table) {
+        const j = gci - l1i * this.l2Entries;
+        const hi = table.readUInt32BE(j * 8);
+        const lo = table.readUInt32BE(j * 8 + 4);
+        if ((hi & FLAG_COMPRESSED) !== 0) return false;
+        host = (lo & 1) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
+      }
+      if (host === 0) {
+        if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
+        runLen = 0;
+        out.fill(0, at, at + n);
+        continue;
+      }
+      if (runLen > 0 && runHost + runLen === host + inCluster) {
+        runLen += n;
+      } else {
+        if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
+        runHost = host + inCluster;
+        runOut = at;
+        runLen = n;
+      }
+    }
+    if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
+    return true;
   }
 
   write(offset: number, data: Buffer): Promise<void> {
@@ -285,7 +355,7 @@ export class Qcow2Image {
 
   readVmState(offset: number, length: number): Promise<Buffer> {
     this.checkVmStateRange('read', offset, length);
-    return this.track(this.readAt(this.vmStateOffset + offset, length));
+    return this.track(this.readAt(this.vmStateOffset + offset, length, Buffer.allocUnsafe(length), 0));
   }
 
   writeVmState(offset: number, data: Buffer): Promise<void> {
@@ -615,8 +685,8 @@ export class Qcow2Image {
 
   // ---- read path ---------------------------------------------------------
 
-  private readAt(offset: number, length: number): Promise<Buffer> {
-    const out = Buffer.allocUnsafe(length);
+  /** Guest range → `out` from `outOffset` on; resolves to `out`. */
+  private readAt(offset: number, length: number, out: Buffer, outOffset: number): Promise<Buffer> {
     if (length === 0) return Promise.resolve(out);
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
@@ -626,7 +696,7 @@ export class Qcow2Image {
     if (this.cow.size === 0 && !this.loadTables(firstL1, lastL1)) {
       let tasks: Promise<void>[] | null;
       try {
-        tasks = this.planRead(offset, length, out);
+        tasks = this.planRead(offset, length, out, outOffset);
       } catch (err) {
         // Corrupt metadata is reported like an I/O error: as a rejection.
         return Promise.reject(err);
@@ -636,11 +706,11 @@ export class Qcow2Image {
         return (tasks.length === 1 ? tasks[0] : Promise.all(tasks)).then(() => out);
       }
     }
-    return this.readAtSlow(offset, length, out);
+    return this.readAtSlow(offset, length, out, outOffset);
   }
 
-  private async readAtSlow(offset: number, length: number, out: Buffer): Promise<Buffer> {
-    const tasks = await this.whenMapped(offset, length, () => this.planRead(offset, length, out));
+  private async readAtSlow(offset: number, length: number, out: Buffer, outOffset: number): Promise<Buffer> {
+    const tasks = await this.whenMapped(offset, length, () => this.planRead(offset, length, out, outOffset));
     if (tasks.length > 0) await Promise.all(tasks);
     return out;
   }
@@ -665,8 +735,8 @@ export class Qcow2Image {
     }
   }
 
-  /** Map a guest range to host reads into `out`; null if an L2 table went missing meanwhile. */
-  private planRead(offset: number, length: number, out: Buffer): Promise<void>[] | null {
+  /** Map a guest range to host reads into `out` from `outOffset` on; null if an L2 table went missing meanwhile. */
+  private planRead(offset: number, length: number, out: Buffer, outOffset: number): Promise<void>[] | null {
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
     const end = offset + length;
@@ -686,7 +756,7 @@ export class Qcow2Image {
       const gci = Math.floor(pos / cs);
       const inCluster = pos - gci * cs;
       const n = Math.min(cs - inCluster, end - pos);
-      const at = pos - offset;
+      const at = outOffset + pos - offset;
       const l1i = Math.floor(gci / this.l2Entries);
       const table = this.l2Offset(l1i) === 0 ? undefined : this.l2Cache.get(l1i);
       pos += n;
@@ -727,6 +797,30 @@ export class Qcow2Image {
       // Short: past the end of the file (allocated, not yet written) reads as zeros.
       if (bytesRead < length) return readFully(this.fh, out.subarray(at + bytesRead, at + length), host + bytesRead);
     });
+  }
+
+  /** readRun() with pread(2) on this thread; short reads past the end of the file are zeros. */
+  private readRunSync(out: Buffer, at: number, length: number, host: number): void {
+    let done = 0;
+    while (done < length) {
+      let n: number;
+      try {
+        n = readSync(this.fh.fd, out, at + done, length - done, host + done);
+      } catch (err) {
+        throw new Qcow2Error(this.path, `read of ${length - done} bytes failed: ${(err as Error).message}`, host + done);
+      }
+      if (n === 0) {
+        out.fill(0, at + done, at + length);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  private checkOut(out: Buffer, outOffset: number, length: number): void {
+    if (!Number.isSafeInteger(outOffset) || outOffset < 0 || outOffset + length > out.length) {
+      throw new Qcow2Error(this.path, `read of ${length} bytes does not fit a ${out.length}-byte buffer at offset ${outOffset}`);
+    }
   }
 
   // ---- write path --------------------------------------------------------

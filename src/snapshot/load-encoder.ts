@@ -106,9 +106,7 @@ export class LoadEncoder extends Transform {
 
   override _transform(read: BlockRead, cb: (err: Error | null, out?: unknown) => void): void {
     if (!this.started) {
-      this.start();
-      this.writer.flush();
-      const gate = this.opts.beforeFirstRange?.();
+      const gate = this.begin();
       if (gate) {
         gate.then(
           () => this._transform(read, cb),
@@ -118,16 +116,7 @@ export class LoadEncoder extends Transform {
       }
     }
     try {
-      const extra = this.opts.interject?.();
-      if (extra) this.emitRaw(extra);
-      this.encodeRange(read);
-      if (this.writer.sectionBytes >= SECTION_LIMIT) this.writer.endSection();
-      if (read.urgent || this.opts.flushEachRange?.()) {
-        this.writer.endSection();
-        this.writer.flush();
-      }
-      if (read.urgent) this.opts.onUrgentSent?.(read);
-      else this.opts.onBackgroundEncoded?.(read);
+      this.encode(read);
       cb(null);
     } catch (err) {
       cb(err as Error);
@@ -135,27 +124,48 @@ export class LoadEncoder extends Transform {
   }
 
   override _flush(cb: (err: Error | null) => void): void {
-    try {
-      this.start();
-      const extra = this.opts.interject?.();
-      if (extra) this.emitRaw(extra);
-      this.writer.endRam();
+    this.finish().then(
+      () => cb(null),
+      (err: Error) => cb(err),
+    );
+  }
+
+  /**
+   * Sends the prefix; returns the beforeFirstRange gate to await before the
+   * first encode(). For a caller that drives the encoder itself (a sink,
+   * not a stream): begin(), encode() every read, finish().
+   */
+  begin(): Promise<void> | undefined {
+    this.start();
+    this.writer.flush();
+    return this.opts.beforeFirstRange?.();
+  }
+
+  /** One read into the output, now (its data is not kept). */
+  encode(read: BlockRead): void {
+    const extra = this.opts.interject?.();
+    if (extra) this.emitRaw(extra);
+    this.encodeRange(read);
+    if (this.writer.sectionBytes >= SECTION_LIMIT) this.writer.endSection();
+    if (read.urgent || this.opts.flushEachRange?.()) {
+      this.writer.endSection();
       this.writer.flush();
-    } catch (err) {
-      return cb(err as Error);
     }
-    const finish = () => {
-      try {
-        for (const b of this.opts.suffix()) this.writer.raw(b);
-        this.writer.flush();
-        cb(null);
-      } catch (err) {
-        cb(err as Error);
-      }
-    };
+    if (read.urgent) this.opts.onUrgentSent?.(read);
+    else this.opts.onBackgroundEncoded?.(read);
+  }
+
+  /** Closes RAM, awaits beforeSuffix, sends the suffix. */
+  async finish(): Promise<void> {
+    this.start();
+    const extra = this.opts.interject?.();
+    if (extra) this.emitRaw(extra);
+    this.writer.endRam();
+    this.writer.flush();
     const gate = this.opts.beforeSuffix?.();
-    if (gate) gate.then(finish, (err: Error) => cb(err));
-    else finish();
+    if (gate) await gate;
+    for (const b of this.opts.suffix()) this.writer.raw(b);
+    this.writer.flush();
   }
 
   private start(): void {
@@ -186,7 +196,9 @@ export class LoadEncoder extends Transform {
       st.sent[byte] |= bit;
       this.writer.beginSection();
       const address = page * ps;
-      if (data === null || data.compare(zero, 0, ps, i, i + ps) === 0) {
+      // Most data pages differ from zero in their first or last byte: test
+      // those in JS before paying for a native compare.
+      if (data === null || (data[i] === 0 && data[i + ps - 1] === 0 && data.compare(zero, 0, ps, i, i + ps) === 0)) {
         this.writer.zero(st.name, address);
         this.zeroPagesSent++;
       } else {

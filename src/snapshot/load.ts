@@ -24,6 +24,7 @@ import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { InlinePieceDigester } from './crc-pieces';
+import { DirectLoadPump } from './direct-pump';
 import { StreamVerifier } from './verify';
 
 export class LoadError extends QemuSnapError {}
@@ -118,11 +119,38 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // than 1 MiB (fresh larger buffers cost more page faults), 512 KiB no faster either.
   const readSize = opts.readSize ?? 1 << 20;
   const maxInFlight = opts.maxInFlight ?? 8;
-  const reader = new OrderedBlockReader(
-    { read: (offset: number, length: number) => snap.image.read(offset, length) },
-    buildPlan(await mapBlocks(snap), readSize),
-    { maxInFlight, highWaterMark: postcopy ? 256 << 10 : 4 << 20 },
-  );
+  const plan = buildPlan(await mapBlocks(snap), readSize);
+  // Precopy to a file descriptor (the CLI's pipe, or --output) runs without
+  // streams: synchronous reads into one reused buffer, encoded and written
+  // synchronously into one reused output buffer (DirectLoadPump). Postcopy
+  // keeps the stream pipeline: the main thread must stay free to read page
+  // requests while the pipe is full, and urgent reads jump the queue.
+  let ownFd: number | null = null;
+  let direct: FdWriter | null = null;
+  if (!postcopy && opts.output) {
+    try {
+      ownFd = fs.openSync(opts.output, 'w');
+    } catch (err) {
+      throw new LoadError(`cannot write ${opts.output}: ${(err as Error).message}`);
+    }
+    direct = new FdWriter(ownFd);
+  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
+    direct = opts.stdout;
+  }
+  let pump: DirectLoadPump | null = null;
+  let reader: OrderedBlockReader | null = null;
+  if (direct) {
+    pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize });
+  } else {
+    reader = new OrderedBlockReader({ read: (offset: number, length: number) => snap.image.read(offset, length) }, plan, {
+      maxInFlight,
+      highWaterMark: postcopy ? 256 << 10 : 4 << 20,
+    });
+  }
+  const stop = (err: Error): void => {
+    if (reader) reader.destroy(err);
+    else pump?.abort(err);
+  };
 
   const started = Date.now();
   let switched = false;
@@ -155,23 +183,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     // with ~0.2 s less CPU per GiB (no buffer transfers, no worker GC),
     // which the destination QEMU on the same CPUs can use.
     verifier = new StreamVerifier(snap, new InlinePieceDigester());
-    verifier.finished.catch((err: Error) => reader.destroy(err));
-  }
-  // Precopy to a file descriptor (the CLI's pipe, or --output) is written
-  // synchronously from the encoder: no thread-pool hop per chunk, one reused
-  // output buffer. Postcopy keeps the queued path: the main thread must stay
-  // free to read page requests while the pipe is full.
-  let ownFd: number | null = null;
-  let direct: FdWriter | null = null;
-  if (!postcopy && opts.output) {
-    try {
-      ownFd = fs.openSync(opts.output, 'w');
-    } catch (err) {
-      throw new LoadError(`cannot write ${opts.output}: ${(err as Error).message}`);
-    }
-    direct = new FdWriter(ownFd);
-  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
-    direct = opts.stdout;
+    verifier.finished.catch(stop);
   }
   const encoder: LoadEncoder = new LoadEncoder({
     sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
@@ -197,7 +209,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
         return null;
       }
       // The backlog of background reads delays requested pages: keep it short.
-      reader.setMaxInFlight(Math.min(2, maxInFlight));
+      reader?.setMaxInFlight(Math.min(2, maxInFlight));
       return [...discards, ...encodeListenPackage([snap.deviceSections])];
     },
     flushEachRange: () => switched,
@@ -209,18 +221,13 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     },
   });
 
-  // With a direct sink the encoder's readable side is empty: it still ends in a writer.
-  const out: NodeJS.WritableStream = direct
-    ? (direct as unknown as NodeJS.WritableStream)
-    : opts.output
-      ? fs.createWriteStream(opts.output)
-      : opts.stdout ?? process.stdout;
   let shutStatus: number | null = null;
   let returnPathDone: Promise<void> = Promise.resolve();
   let rpGate: InputGate | null = null;
   let onPong: (() => void) | null = null;
 
-  if (postcopy && opts.returnPath) {
+  if (postcopy && opts.returnPath && reader) {
+    const bg = reader;
     rpGate = new InputGate(opts.returnPath);
     const blocksByName = new Map(snap.blocks.map((b, i) => [b.id, i] as const));
     const parser = new ReturnPathParser({ blocks: new Map(snap.blocks.map((b) => [b.id, b.length] as const)), pageSize: ps });
@@ -231,7 +238,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
         else if (msg.type === 'pong' && msg.value === ADVISE_PING) onPong?.();
         else if (msg.type === 'req-pages') {
           const index = blocksByName.get(msg.block);
-          if (index !== undefined) requestPages(snap, reader, encoder, index, msg.offset, msg.length, requested);
+          if (index !== undefined) requestPages(snap, bg, encoder, index, msg.offset, msg.length, requested);
         }
         cb(null);
       },
@@ -257,24 +264,32 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     // A return path that ends or breaks before SHUT ends the load at once.
     returnPathDone.then(
       () => {
-        if (shutStatus === null) reader.destroy(new LoadError(switched ? 'the destination closed its return path before the migration ended' : NO_POSTCOPY_RAM));
+        if (shutStatus === null) bg.destroy(new LoadError(switched ? 'the destination closed its return path before the migration ended' : NO_POSTCOPY_RAM));
       },
-      (err: Error) => reader.destroy(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
+      (err: Error) => bg.destroy(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
     );
   }
 
-  const onAbort = () => reader.destroy(new LoadError(`load interrupted (${String(opts.signal?.reason ?? 'aborted')})`));
+  const onAbort = () => stop(new LoadError(`load interrupted (${String(opts.signal?.reason ?? 'aborted')})`));
   if (opts.signal?.aborted) onAbort();
   opts.signal?.addEventListener('abort', onAbort);
   const progress = setInterval(() => opts.onProgress?.(encoder.bytesOut, encoder.dataPagesSent), 200);
 
   try {
-    await pumpAsync(reader, encoder, out).catch((err: Error) => {
-      if (postcopy && !switched && isPipeGone(err)) {
-        throw new LoadError(NO_POSTCOPY_RAM);
-      }
-      throw err;
-    });
+    if (direct && pump) {
+      await encoder.begin();
+      await pump.run();
+      await encoder.finish();
+      (direct as unknown as NodeJS.WritableStream).end();
+    } else if (reader) {
+      const out: NodeJS.WritableStream = opts.output ? fs.createWriteStream(opts.output) : opts.stdout ?? process.stdout;
+      await pumpAsync(reader, encoder, out).catch((err: Error) => {
+        if (postcopy && !switched && isPipeGone(err)) {
+          throw new LoadError(NO_POSTCOPY_RAM);
+        }
+        throw err;
+      });
+    }
     if (postcopy) {
       opts.onEvent?.('eof', Date.now() - started);
       await waitForShut(() => shutStatus, returnPathDone, opts.signal);
