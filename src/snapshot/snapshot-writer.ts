@@ -97,7 +97,12 @@ export class SnapshotWriter extends Transform {
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
       highWaterMark: 4 << 20,
-      byteLengthWritable: (r: unknown) => ((r as MigrationRecord).type === 'ram-page' ? 4096 : 64),
+      // A run's stream bytes, not an object's nominal size: queued runs pin
+      // their input chunks, and counting them small let 700 chunks pile up.
+      byteLengthWritable: (r: unknown) => {
+        const rec = r as FramedRecord;
+        return rec.type === 'ram-page-run' ? rec.byteLength : rec.type === 'ram-page' ? rec.data.length : 64;
+      },
       byteLengthReadable: (w: unknown) => (w as BlockWrite).length,
     });
     this.pageSize = opts.pageSize ?? 4096;
