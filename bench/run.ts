@@ -32,6 +32,7 @@ import {
   timeShell,
   timing,
   CliStats,
+  warmMemory,
 } from './lib';
 
 const CLI = path.resolve(__dirname, '..', 'cli', 'qemu-snap.js');
@@ -82,6 +83,11 @@ class Bench {
     return startVm(this.vmOpts({ loads: [{ file: this.pattern, addr: (this.cfg.memMiB / 4) * MiB }], extraArgs }));
   }
 
+  /** Before every timed run: see warmMemory. */
+  private warm(): void {
+    warmMemory(this.cfg.dir, Math.round(this.cfg.dataMiB * 1.5) * MiB);
+  }
+
   private stats(): CliStats {
     return statsFromFile(this.statsFile);
   }
@@ -110,13 +116,16 @@ class Bench {
     for (let i = 0; i < this.cfg.runs; i++) {
       rmQuiet(this.image);
       execFileSync('sync'); // each run starts without the previous run's dirty pages
+      this.warm();
       const s = await timeShell(`cat ${q(this.stream)} | ${snapCmd(`save -q ${q(this.image)}`, this.statsFile)}`);
       save.push(s.ms);
       rss.push(this.stats().maxRssKiB);
       execFileSync('sync');
+      this.warm();
       cat.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)}`)).ms);
       rmQuiet(file);
       execFileSync('sync');
+      this.warm();
       // save fsyncs its image before publishing it; this is cat doing the same.
       catSync.push((await timeShell(`cat ${q(this.stream)} | cat > ${q(file)} && sync ${q(file)}`)).ms);
       rmQuiet(file);
@@ -150,8 +159,10 @@ class Bench {
     const load: number[] = [];
     const rss: number[] = [];
     for (let i = 0; i < this.cfg.runs; i++) {
+      this.warm();
       load.push((await timeShell(`${snapCmd(`load ${q(this.image)}`, this.statsFile)} | cat > /dev/null`)).ms);
       rss.push(this.stats().maxRssKiB);
+      this.warm();
       cat.push((await timeShell(`cat ${q(this.stream)} | cat > /dev/null`)).ms);
       log(`load pipe run ${i + 1}: qemu-snap ${ms(load[i])}, cat ${ms(cat[i])}`);
     }
@@ -183,6 +194,7 @@ class Bench {
           // Neither side inherits the other's dirty pages (1 GiB of them slows
           // whatever writes next, and our fdatasyncs wait on the writeback).
           execFileSync('sync');
+          this.warm();
           const t0 = performance.now();
           const info = await src.migrate(uri, { timeoutMs: 120_000 });
           const wall = performance.now() - t0;
@@ -196,12 +208,15 @@ class Bench {
       rmQuiet(file);
       rmQuiet(img);
       const [st, sw] = await one(`exec:${snapCmd(`save -q ${q(img)}`, this.statsFile)}`);
-      res.rss.push(this.stats().maxRssKiB);
+      const cli = this.stats();
+      res.rss.push(cli.maxRssKiB);
+      log(`  exec:qemu-snap save ran ${cli.ms} ms from start to exit`);
       rmQuiet(img);
       rmQuiet(this.savevmDisk);
       createQcow2(this.savevmDisk, `${this.cfg.memMiB}M`);
       const src = await this.source(true);
       try {
+        this.warm();
         res.savevm.push(await savevmTiming(src, 'bench'));
       } finally {
         await src.stop();
@@ -232,6 +247,7 @@ class Bench {
       res.cat.push(await this.incoming(`exec:cat ${q(this.stream)}`));
       const dst = await startVm(this.vmOpts({ extraArgs: ['-drive', `if=none,id=d0,file=${this.savevmDisk},format=qcow2`] }));
       try {
+        this.warm();
         res.loadvm.push(await loadvmTiming(dst, 'bench'));
       } finally {
         await dst.stop();
@@ -256,6 +272,7 @@ class Bench {
     const dst = await startVm(this.vmOpts({ incoming: 'defer' }));
     try {
       if (caps) await dst.setMigrationCapabilities(caps);
+      this.warm();
       const t0 = performance.now();
       await dst.migrateIncoming(uri);
       if (during) await during(dst);
@@ -351,12 +368,17 @@ function timeFramer(file: string): Promise<number> {
   });
 }
 
+/** The parts `--only` can pick. */
+const PARTS = ['save-pipe', 'load-pipe', 'framer', 'qemu-save', 'qemu-restore', 'postcopy'];
+
 async function main(): Promise<void> {
-  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help'], string: ['runs', 'dir', 'json', 'md'] });
+  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help'], string: ['runs', 'dir', 'json', 'md', 'only'] });
   if (args.help) {
-    process.stdout.write('usage: node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE] [--md FILE]\n');
+    process.stdout.write(`usage: node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE] [--md FILE] [--only ${PARTS.join(',')}]\n`);
     return;
   }
+  const only = typeof args.only === 'string' ? args.only.split(',') : PARTS;
+  for (const p of only) if (!PARTS.includes(p)) throw new BenchError(`--only: '${p}' is not one of ${PARTS.join(', ')}`);
   requireQemu();
   const quick = args.quick === true;
   const runs = args.runs === undefined ? 3 : Number(args.runs);
@@ -375,12 +397,13 @@ async function main(): Promise<void> {
   const b = new Bench({ memMiB, dataMiB, runs, dir });
   try {
     await b.prepare();
-    await b.savePipe();
-    await b.loadPipe();
-    await b.framer();
-    await b.qemuSave();
-    await b.qemuRestore();
-    await b.postcopy();
+    // load-pipe and qemu-restore need the image save-pipe makes.
+    if (only.some((p) => p !== 'framer' && p !== 'qemu-save')) await b.savePipe();
+    if (only.includes('load-pipe')) await b.loadPipe();
+    if (only.includes('framer')) await b.framer();
+    if (only.includes('qemu-save')) await b.qemuSave();
+    if (only.includes('qemu-restore') || only.includes('postcopy')) await b.qemuRestore();
+    if (only.includes('postcopy')) await b.postcopy();
     b.rssRows();
   } finally {
     cleanup();
