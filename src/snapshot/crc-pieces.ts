@@ -2,7 +2,6 @@
 // inline (same-thread) digester both run. See ChunkDigester.pieces() for the
 // item layout.
 import * as zlib from 'node:zlib';
-import type { ParallelCrc } from './parallel-crc';
 
 const zeroRun = Buffer.alloc(1 << 20);
 
@@ -39,8 +38,6 @@ export interface PieceDigester {
   pieces(data: Buffer | null, items: number[], give: boolean): void;
   /** Receives the CRC of each chunk closed. */
   onPieceCrc: ((chunk: number, crc: number) => void) | null;
-  /** Delivers every CRC still outstanding to onPieceCrc before it returns (a digester that answers later). */
-  flush?(): void;
 }
 
 /**
@@ -59,28 +56,5 @@ export class InlinePieceDigester implements PieceDigester {
     closed.length = 0;
     applyPieces(this.partial, data, items, closed);
     for (let i = 0; i < closed.length; i += 2) this.onPieceCrc?.(closed[i], closed[i + 1]);
-  }
-}
-
-/**
- * Pieces hashed by a ParallelCrc worker, straight from the ring slot the
- * data was read into (the caller reads into crc.acquireSlot()): the worker
- * runs on the other CPU while this thread encodes and writes. CRCs of the
- * chunks closed so far are collected after each call, flush() waits for the rest.
- */
-export class ParallelPieceDigester implements PieceDigester {
-  onPieceCrc: ((chunk: number, crc: number) => void) | null = null;
-  private readonly report = (chunk: number, crc: number): void => this.onPieceCrc?.(chunk, crc);
-
-  constructor(private readonly crc: ParallelCrc) {}
-
-  pieces(data: Buffer | null, items: number[]): void {
-    this.crc.submit(data, items);
-    this.crc.takeClosed(this.report);
-  }
-
-  flush(): void {
-    this.crc.flush();
-    this.crc.takeClosed(this.report);
   }
 }

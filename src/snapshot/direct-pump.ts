@@ -1,6 +1,5 @@
 // Precopy load to a file descriptor without streams in between: the plan is
-// read in order with pread(2) on the main thread into one reused buffer (or
-// the slots of a CRC worker's ring) and
+// read in order with pread(2) on the main thread into one reused buffer and
 // each read goes straight to the encoder, which writes the pipe
 // synchronously. Against OrderedBlockReader's asynchronous reads this saves
 // two thread hand-overs per read (expensive on few CPUs), a fresh buffer per
@@ -27,12 +26,6 @@ export interface DirectPumpOptions {
   yieldEvery?: number;
   /** What a hole weighs against yieldEvery per byte of it (its ZERO records are ~1/450 of its size). */
   holeWeight?: number;
-  /**
-   * Where each read goes (at least readSize bytes; may block until free),
-   * instead of the one reused buffer: a ParallelCrc ring slot, which its
-   * worker hashes while the next reads fill the other slots.
-   */
-  acquire?: () => Buffer;
 }
 
 function turn(): Promise<void> {
@@ -44,12 +37,10 @@ export class DirectLoadPump {
   private buf: Buffer;
   private readonly yieldEvery: number;
   private readonly holeWeight: number;
-  private readonly acquire: (() => Buffer) | null;
 
   /**
    * @param encode takes each read in plan order and is done with its data
-   *   when it returns (the buffer is filled again by the next read, or by
-   *   a later one with opts.acquire)
+   *   when it returns (the buffer is filled again by the next read)
    */
   constructor(
     private readonly source: SyncReadSource,
@@ -57,8 +48,7 @@ export class DirectLoadPump {
     private readonly encode: (read: BlockRead) => void,
     opts: DirectPumpOptions,
   ) {
-    this.acquire = opts.acquire ?? null;
-    this.buf = this.acquire ? Buffer.alloc(0) : Buffer.allocUnsafe(opts.readSize);
+    this.buf = Buffer.allocUnsafe(opts.readSize);
     this.yieldEvery = opts.yieldEvery ?? 8 << 20;
     this.holeWeight = opts.holeWeight ?? 1 / 64;
   }
@@ -102,11 +92,9 @@ export class DirectLoadPump {
   }
 
   private async readEntry(e: ReadPlanEntry): Promise<Buffer> {
-    let buf = this.acquire?.() ?? this.buf;
-    // A consumer that took the buffer's memory (transferred it) leaves it
-    // empty; an entry larger than a ring slot gets a buffer of its own.
-    if (buf.length < e.length) buf = this.buf = Buffer.allocUnsafe(Math.max(e.length, this.buf.length));
-    const out = e.length === buf.length ? buf : buf.subarray(0, e.length);
+    // A consumer that took the buffer's memory (transferred it) leaves it empty.
+    if (this.buf.length < e.length) this.buf = Buffer.allocUnsafe(Math.max(e.length, this.buf.length));
+    const out = e.length === this.buf.length ? this.buf : this.buf.subarray(0, e.length);
     try {
       if (!this.source.readIntoSync(e.offset, e.length, out, 0)) await this.source.readInto(e.offset, e.length, out, 0);
     } catch (err) {

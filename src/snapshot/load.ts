@@ -23,8 +23,7 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
-import { InlinePieceDigester, ParallelPieceDigester, PieceDigester } from './crc-pieces';
-import { ParallelCrc } from './parallel-crc';
+import { InlinePieceDigester } from './crc-pieces';
 import { DirectLoadPump } from './direct-pump';
 import { StreamVerifier } from './verify';
 
@@ -48,15 +47,6 @@ export interface LoadOptions {
   onProgress?(bytes: number, pages: number): void;
   /** Check RAM against the image's digests (default true when it has them). */
   verify?: boolean;
-  /**
-   * Precopy to a file descriptor: hash RAM on a worker thread (ParallelCrc),
-   * from the ring slots the reads go to, instead of on the main thread.
-   * Off by default: on the 2-vCPU bench VM it made `load | cat` faster
-   * (0.785 -> 0.69 s per GiB, best of 5-6) but a QEMU restore slower
-   * (868 -> 985 ms): there the destination needs the second CPU, and the
-   * worker adds CPU time (wake-ups, the data read on another core).
-   */
-  crcWorker?: boolean;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
 }
@@ -70,9 +60,6 @@ export interface LoadResult {
 }
 
 const HOLE_PIECE = 16 << 20;
-const READ_SIZE = 1 << 20;
-/** CRC worker ring: 8 read-sized slots, woken once per 4 queued reads (12 slots or other batches measured no different). */
-const PARALLEL_CRC_SLOTS = 8;
 /** Metadata is mapped in pieces this large, so a huge sparse image never holds all its L2 tables. */
 const MAP_PIECE = 16 * 2 ** 30;
 const ADVISE_PING = 1;
@@ -111,22 +98,6 @@ function* buildPlan(runs: Array<{ index: number; offset: number; length: number;
 }
 
 export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): Promise<LoadResult> {
-  // The CRC worker takes ~25 ms to start: start it now, while the image
-  // opens, or the first reads fill its ring and wait for it. run() drops
-  // it when the image turns out to need none.
-  const directOut = opts.output !== undefined || opts.stdout instanceof FdWriter;
-  const crcRing =
-    opts.postcopy === undefined && opts.verify !== false && directOut && opts.crcWorker === true
-      ? new ParallelCrc({ slots: PARALLEL_CRC_SLOTS, slotSize: opts.readSize ?? READ_SIZE })
-      : null;
-  try {
-    return await loadOpened(imagePath, opts, crcRing);
-  } finally {
-    await crcRing?.close();
-  }
-}
-
-async function loadOpened(imagePath: string, opts: LoadOptions, crcRing: ParallelCrc | null): Promise<LoadResult> {
   const snap = await openSnapshot(imagePath);
   try {
     const ps = snap.header.pageSize;
@@ -135,18 +106,18 @@ async function loadOpened(imagePath: string, opts: LoadOptions, crcRing: Paralle
     }
     const postcopy = opts.postcopy !== undefined;
     if (postcopy && !opts.returnPath) throw new LoadError('postcopy needs the destination return path on stdin');
-    return await run(snap, opts, crcRing);
+    return await run(snap, opts);
   } finally {
     await snap.image.close().catch(() => undefined);
   }
 }
 
-async function run(snap: SnapshotContents, opts: LoadOptions, ring: ParallelCrc | null): Promise<LoadResult> {
+async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResult> {
   const ps = snap.header.pageSize;
   const postcopy = opts.postcopy !== undefined;
   // Measured on the 2-vCPU bench VM: 2 and 4 MiB reads were no faster
   // than 1 MiB (fresh larger buffers cost more page faults), 512 KiB no faster either.
-  const readSize = opts.readSize ?? READ_SIZE;
+  const readSize = opts.readSize ?? 1 << 20;
   const maxInFlight = opts.maxInFlight ?? 8;
   const plan = buildPlan(await mapBlocks(snap), readSize);
   // Precopy to a file descriptor (the CLI's pipe, or --output) runs without
@@ -166,22 +137,10 @@ async function run(snap: SnapshotContents, opts: LoadOptions, ring: ParallelCrc 
   } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
     direct = opts.stdout;
   }
-  // RAM is checked against the save's digests alongside the stream; the
-  // device state (or EOF) that lets the destination finish waits for it.
-  const verifying = snap.digests !== null && snap.digests !== undefined && opts.verify !== false;
-  // Precopy to a fd keeps the main thread busy the whole way (read, encode,
-  // write): a CRC worker (opt-in, see crcWorker) takes ~0.2 s per GiB off
-  // it. It hashes the ring slots the reads land in: nothing copied or posted.
-  let crcRing: ParallelCrc | null = null;
-  if (ring && verifying && direct && snap.digests) {
-    crcRing = ring;
-    crcRing.setChunks(snap.digests.chunks.length);
-  }
   let pump: DirectLoadPump | null = null;
   let reader: OrderedBlockReader | null = null;
   if (direct) {
-    const ring = crcRing;
-    pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, acquire: ring ? () => ring.acquireSlot() : undefined });
+    pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize });
   } else {
     reader = new OrderedBlockReader({ read: (offset: number, length: number) => snap.image.read(offset, length) }, plan, {
       maxInFlight,
@@ -216,13 +175,14 @@ async function run(snap: SnapshotContents, opts: LoadOptions, ring: ParallelCrc 
   const requested = new Map<number, bigint>();
   const latencies: number[] = [];
   let adviseAccepted: Promise<void> = Promise.resolve();
+  // RAM is checked against the save's digests alongside the stream; the
+  // device state (or EOF) that lets the destination finish waits for it.
   let verifier: StreamVerifier | null = null;
-  if (verifying) {
-    // Without the ring, CRC-32 on this thread: as fast as a message-based
-    // digest worker, with ~0.2 s less CPU per GiB (no buffer transfers, no
-    // worker GC), which the destination QEMU on the same CPUs can use.
-    const digester: PieceDigester = crcRing ? new ParallelPieceDigester(crcRing) : new InlinePieceDigester();
-    verifier = new StreamVerifier(snap, digester);
+  if (snap.digests && opts.verify !== false) {
+    // CRC-32 on this thread: as fast as the digest worker through a pipe,
+    // with ~0.2 s less CPU per GiB (no buffer transfers, no worker GC),
+    // which the destination QEMU on the same CPUs can use.
+    verifier = new StreamVerifier(snap, new InlinePieceDigester());
     verifier.finished.catch(stop);
   }
   const encoder: LoadEncoder = new LoadEncoder({

@@ -81,8 +81,7 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
  * offsets, holes included), so each chunk's CRC is built piece by piece;
  * bytes the plan does not cover (padding after a block) are zeros. Each
  * read's pieces go to the digester in one call, once the encoder is done
- * with the buffer (a message-based worker digester may take its memory; a
- * ParallelPieceDigester hashes the ring slot it was read into, in place).
+ * with the buffer (a worker digester may take its memory).
  */
 export class StreamVerifier {
   private readonly cs: number;
@@ -146,15 +145,6 @@ export class StreamVerifier {
     this.skipTo(this.snap.digests?.chunks.length ?? 0);
     this.send(null);
     this.ended = true;
-    // A digester on another thread still holds CRCs: all of them must be
-    // checked before the device state goes out.
-    try {
-      this.digester.flush?.();
-    } catch (err) {
-      this.error ??= err as Error;
-      this.fail?.(this.error);
-      return;
-    }
     this.settle();
   }
 
