@@ -35,6 +35,8 @@ export { parseSize } from './util/size';
 export { verifySnapshot, verifyChunks, StreamVerifier } from './snapshot/verify';
 export type { VerifyResult } from './snapshot/verify';
 export { ChunkDigester, DigestMismatchError, encodeDigestTable, decodeDigestHeader, decodeDigestTable, DIGEST_CHUNK_SIZE } from './snapshot/digests';
+export { createChunkHasher } from './snapshot/chunk-hash';
+export type { ChunkHasher, DigestAlgorithm } from './snapshot/chunk-hash';
 export type { DigestTable } from './snapshot/digests';
 export { FdReader } from './util/fd-reader';
 export { FdWriter, isPipe } from './util/fd-writer';

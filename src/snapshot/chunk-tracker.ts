@@ -1,16 +1,18 @@
-// Save side of the RAM digests: the CRC-32 of every chunk of the virtual
+// Save side of the RAM digests: the digest of every chunk of the virtual
 // disk, computed from the writes themselves as they are issued.
 //
 // A source sends RAM in passes over ascending addresses, so the writes into
-// a chunk usually arrive in order: each extends the chunk's running CRC (a
-// gap between two writes is a hole, which reads as zeros). A write that
-// lands before the end of what the chunk already covered (a live VM
-// re-sending a page, or writes issued out of order) makes the chunk dirty:
-// it is read back from the image and digested at the end, when nothing can
-// change it any longer. Reading every chunk back instead cost a second pass
-// over 1 GiB, page faults on fresh buffers and a worker hop per chunk.
-import * as zlib from 'node:zlib';
-import { DIGEST_CHUNK_SIZE, zeroChunkCrc } from './digests';
+// a chunk usually arrive in order, and a chunk is finished when the writes
+// move on to another: the open chunk's digest is extended by each write (a
+// gap between two writes is a hole, which reads as zeros) and closed with
+// zeros up to its end when a write lands elsewhere. A write that lands
+// before the end of what its chunk already covered, or in a chunk already
+// closed (a live VM re-sending a page), makes the chunk dirty: it is read
+// back from the image and digested at the end, when nothing can change it
+// any longer. Reading every chunk back instead cost a second pass over
+// 1 GiB, page faults on fresh buffers and a worker hop per chunk.
+import type { ChunkHasher } from './chunk-hash';
+import { DIGEST_CHUNK_SIZE } from './digests';
 
 interface ChunkSource {
   read(offset: number, length: number): Promise<Buffer>;
@@ -18,30 +20,25 @@ interface ChunkSource {
 
 const UNTOUCHED = 0;
 const OPEN = 1;
-const DIRTY = 2;
-
-const ZEROS = Buffer.alloc(64 * 1024);
-
-/** CRC-32 of `crc`'s message followed by `n` zero bytes. */
-function crcZeros(n: number, crc: number): number {
-  for (; n > 0; n -= ZEROS.length) crc = zlib.crc32(n >= ZEROS.length ? ZEROS : ZEROS.subarray(0, n), crc);
-  return crc;
-}
+const CLOSED = 2;
+const DIRTY = 3;
 
 export class ChunkTracker {
   private readonly state: Uint8Array;
-  /** Bytes of the chunk covered so far (OPEN): the running CRC is over [0, covered). */
-  private readonly covered: Uint32Array;
   readonly table: Uint32Array;
   private readonly chunkSize = DIGEST_CHUNK_SIZE;
+  /** The chunk whose digest the hasher holds, or -1. */
+  private open = -1;
+  /** Bytes of the open chunk covered so far. */
+  private covered = 0;
 
   constructor(
     private readonly source: ChunkSource,
     private readonly virtualSize: number,
+    private readonly hasher: ChunkHasher,
   ) {
     const n = Math.ceil(virtualSize / this.chunkSize);
     this.state = new Uint8Array(n);
-    this.covered = new Uint32Array(n);
     this.table = new Uint32Array(n);
   }
 
@@ -62,38 +59,46 @@ export class ChunkTracker {
   }
 
   private extend(c: number, rel: number, piece: Buffer): void {
-    const st = this.state[c];
-    if (st === DIRTY) return;
-    if (st === UNTOUCHED) {
+    if (c !== this.open) {
+      this.closeOpen();
+      const st = this.state[c];
+      if (st !== UNTOUCHED) {
+        this.state[c] = DIRTY;
+        return;
+      }
       this.state[c] = OPEN;
-      this.covered[c] = 0;
-      this.table[c] = 0;
+      this.open = c;
+      this.covered = 0;
+      this.hasher.begin();
     }
-    const covered = this.covered[c];
-    if (rel < covered) {
+    if (rel < this.covered) {
+      // Behind what the digest already holds: the hasher state is useless now.
       this.state[c] = DIRTY;
+      this.open = -1;
       return;
     }
-    let crc = this.table[c];
-    if (rel > covered) crc = crcZeros(rel - covered, crc);
-    this.table[c] = zlib.crc32(piece, crc);
-    this.covered[c] = rel + piece.length;
+    if (rel > this.covered) this.hasher.zeros(rel - this.covered);
+    this.hasher.update(piece);
+    this.covered = rel + piece.length;
+  }
+
+  /** Finishes the open chunk's digest: zeros up to its end. */
+  private closeOpen(): void {
+    const c = this.open;
+    if (c < 0) return;
+    this.open = -1;
+    this.hasher.zeros(this.chunkLength(c) - this.covered);
+    this.table[c] = this.hasher.end();
+    this.state[c] = CLOSED;
   }
 
   /** After the last write completed: closes every chunk and returns the table. */
   async finish(): Promise<Uint32Array> {
+    this.closeOpen();
     for (let c = 0; c < this.state.length; c++) {
       const len = this.chunkLength(c);
-      switch (this.state[c]) {
-        case UNTOUCHED:
-          this.table[c] = zeroChunkCrc(len);
-          break;
-        case OPEN:
-          this.table[c] = crcZeros(len - this.covered[c], this.table[c]) >>> 0;
-          break;
-        default:
-          this.table[c] = zlib.crc32(await this.source.read(c * this.chunkSize, len)) >>> 0;
-      }
+      if (this.state[c] === UNTOUCHED) this.table[c] = this.hasher.zeroChunk(len);
+      else if (this.state[c] === DIRTY) this.table[c] = this.hasher.whole(await this.source.read(c * this.chunkSize, len));
     }
     return this.table;
   }

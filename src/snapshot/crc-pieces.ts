@@ -1,60 +1,50 @@
-// CRC-32 of chunks fed in consecutive pieces: what the digest worker and an
-// inline (same-thread) digester both run. See ChunkDigester.pieces() for the
-// item layout.
-import * as zlib from 'node:zlib';
+// Chunk digests fed in consecutive pieces, as load reads the image: the
+// pieces of one chunk come in order and the chunk is closed before the next
+// one starts, so one hasher state is enough.
+import type { ChunkHasher } from './chunk-hash';
+import { QemuSnapError } from '../errors';
 
-const zeroRun = Buffer.alloc(1 << 20);
-
-export function crcZeros(n: number, crc: number): number {
-  for (; n > 0; n -= zeroRun.length) crc = zlib.crc32(zeroRun.subarray(0, Math.min(n, zeroRun.length)), crc);
-  return crc;
-}
-
-/**
- * Applies `items` (groups of chunk, start, end, zeros, final) over `data`
- * (its bytes [start, end) for each item that has some), keeping open chunks'
- * CRCs in `partial`; pushes (chunk, crc) of each chunk closed onto `closed`.
- */
-export function applyPieces(partial: Map<number, number>, data: Uint8Array | null, items: number[], closed: number[]): void {
-  for (let i = 0; i < items.length; i += 5) {
-    const chunk = items[i];
-    let crc = partial.get(chunk) ?? 0;
-    const start = items[i + 1];
-    const end = items[i + 2];
-    if (data && end > start) crc = zlib.crc32(data.subarray(start, end), crc);
-    if (items[i + 3] > 0) crc = crcZeros(items[i + 3], crc);
-    if (items[i + 4] !== 0) {
-      partial.delete(chunk);
-      closed.push(chunk, crc >>> 0);
-    } else {
-      partial.set(chunk, crc);
-    }
-  }
-}
-
-/** Where StreamVerifier sends pieces: the digest worker, or this thread. */
+/** Where StreamVerifier sends pieces. */
 export interface PieceDigester {
-  /** See ChunkDigester.pieces(). */
-  pieces(data: Buffer | null, items: number[], give: boolean): void;
-  /** Receives the CRC of each chunk closed. */
+  /**
+   * `items` holds groups of five numbers: chunk, start, end, zeros, final
+   * (0/1). Each adds bytes [start, end) of `data` (none when start = end),
+   * then `zeros` zero bytes; final closes the chunk, whose digest goes to
+   * onPieceCrc.
+   */
+  pieces(data: Buffer | null, items: number[]): void;
+  /** Receives the digest of each chunk closed. */
   onPieceCrc: ((chunk: number, crc: number) => void) | null;
 }
 
 /**
- * Pieces hashed at once on the calling thread. Costs the caller ~0.25 s of
- * CPU per GiB, but nothing moves between threads: with 2 CPUs shared with
- * the pipe's reader, handing each read to a worker (a wake-up per message,
- * and the worker's GC freeing every transferred buffer) cost more in total.
+ * Pieces hashed at once on the calling thread: nothing moves between
+ * threads (with 2 CPUs shared with the pipe's reader or with QEMU, a worker
+ * cost more in wake-ups and buffer hand-offs than it saved).
  */
 export class InlinePieceDigester implements PieceDigester {
-  private readonly partial = new Map<number, number>();
-  private readonly closed: number[] = [];
+  private open = -1;
   onPieceCrc: ((chunk: number, crc: number) => void) | null = null;
 
+  constructor(private readonly hasher: ChunkHasher) {}
+
   pieces(data: Buffer | null, items: number[]): void {
-    const closed = this.closed;
-    closed.length = 0;
-    applyPieces(this.partial, data, items, closed);
-    for (let i = 0; i < closed.length; i += 2) this.onPieceCrc?.(closed[i], closed[i + 1]);
+    const h = this.hasher;
+    for (let i = 0; i < items.length; i += 5) {
+      const chunk = items[i];
+      if (chunk !== this.open) {
+        if (this.open >= 0) throw new QemuSnapError(`digest pieces of chunk ${chunk} while chunk ${this.open} is still open`);
+        h.begin();
+        this.open = chunk;
+      }
+      const start = items[i + 1];
+      const end = items[i + 2];
+      if (data && end > start) h.update(data.subarray(start, end));
+      if (items[i + 3] > 0) h.zeros(items[i + 3]);
+      if (items[i + 4] !== 0) {
+        this.open = -1;
+        this.onPieceCrc?.(chunk, h.end());
+      }
+    }
   }
 }

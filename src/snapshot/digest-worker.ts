@@ -1,39 +1,41 @@
-// Worker thread: CRC-32 of RAM chunks, off the main thread (which parses or
-// encodes the stream) on the machine's other core.
-//   whole: a chunk in one buffer; also counts the pages that hold data, so
-//          `verify` can check the STVM header's data-page count.
-//   pieces: chunks in consecutive pieces (data, or a run of zeros for a
-//          hole), as the loader reads them, several per message; the CRCs
-//          of the chunks a message closes are posted in one answer.
+// Worker thread: digests of whole RAM chunks for `verify`, off the main
+// thread (which reads the image) on the machine's other core. Also counts
+// the pages that hold data, so `verify` can check the STVM header's
+// data-page count.
 import { parentPort } from 'node:worker_threads';
-import * as zlib from 'node:zlib';
-import { applyPieces } from './crc-pieces';
+import { createChunkHasher, ChunkHasher, DigestAlgorithm } from './chunk-hash';
 
-type Job =
-  | { kind: 'whole'; id: number; data: Uint8Array; pageSize: number }
-  // items: groups of (chunk, start, end, zeros, final); see ChunkDigester.pieces().
-  | { kind: 'pieces'; data: Uint8Array | null; items: number[] };
+interface Job {
+  id: number;
+  data: Uint8Array;
+  pageSize: number;
+  algorithm: DigestAlgorithm;
+}
 
 const port = parentPort;
 if (!port) throw new Error('digest-worker must run as a worker thread');
 let zeroPage = Buffer.alloc(4096);
-const partial = new Map<number, number>();
+const hashers = new Map<DigestAlgorithm, Promise<ChunkHasher>>();
 
 port.on('message', (job: Job) => {
-  if (job.kind === 'pieces') {
-    // The CRCs of the chunks this message closes, answered in one message.
-    const crcs: number[] = [];
-    applyPieces(partial, job.data, job.items, crcs);
-    if (crcs.length > 0) port.postMessage({ crcs });
-    return;
+  let hasher = hashers.get(job.algorithm);
+  if (!hasher) {
+    hasher = createChunkHasher(job.algorithm);
+    hashers.set(job.algorithm, hasher);
   }
-  const data = Buffer.from(job.data.buffer, job.data.byteOffset, job.data.byteLength);
-  const crc = zlib.crc32(data);
-  const ps = job.pageSize;
-  if (zeroPage.length !== ps) zeroPage = Buffer.alloc(ps);
-  let dataPages = 0;
-  for (let off = 0; off + ps <= data.length; off += ps) {
-    if (data.compare(zeroPage, 0, ps, off, off + ps) !== 0) dataPages++;
-  }
-  port.postMessage({ id: job.id, crc, dataPages });
+  // Jobs are independent: answering one after another's hasher is ready keeps them apart.
+  hasher.then(
+    (h) => {
+      const data = Buffer.from(job.data.buffer, job.data.byteOffset, job.data.byteLength);
+      const crc = h.whole(data);
+      const ps = job.pageSize;
+      if (zeroPage.length !== ps) zeroPage = Buffer.alloc(ps);
+      let dataPages = 0;
+      for (let off = 0; off + ps <= data.length; off += ps) {
+        if (data.compare(zeroPage, 0, ps, off, off + ps) !== 0) dataPages++;
+      }
+      port.postMessage({ id: job.id, crc, dataPages });
+    },
+    (err: Error) => port.postMessage({ id: job.id, error: err.message }),
+  );
 });

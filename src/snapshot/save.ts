@@ -20,6 +20,7 @@ import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
 import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './layout';
 import { DIGEST_CHUNK_SIZE, encodeDigestTable } from './digests';
 import { ChunkTracker } from './chunk-tracker';
+import { createChunkHasher } from './chunk-hash';
 import * as zlib from 'node:zlib';
 
 export class SaveTargetError extends QemuSnapError {}
@@ -160,6 +161,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       : undefined,
   );
   const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
+  const hasher = opts.digests === false ? null : await createChunkHasher('xxh64');
   let returnPathOpen = false;
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
@@ -168,7 +170,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       creating = created.catch(() => null);
       const image = await created;
       blockTarget.image = image;
-      if (opts.digests !== false) blockTarget.tracker = new ChunkTracker(image, virtualSize);
+      if (hasher) blockTarget.tracker = new ChunkTracker(image, virtualSize, hasher);
       return image.vmStateOffset;
     },
     onCommand: (command, payload) => {
@@ -220,7 +222,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     if (blockTarget.tracker) {
       const chunks = await blockTarget.tracker.finish();
       const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
-      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
+      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: 'xxh64', chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
     }
     await image.flush({ sync: true });
     await image.close();

@@ -1,7 +1,8 @@
-// Checking RAM against the digests recorded at save: chunk by chunk, CRC-32
-// of what the image reads. `verify` reads the image itself and hashes in
-// the digest worker; `load` hashes the reads it streams (StreamVerifier).
-import { ChunkDigester, DigestMismatchError, zeroChunkCrc } from './digests';
+// Checking RAM against the digests recorded at save: chunk by chunk, the
+// digest of what the image reads. `verify` reads the image itself and hashes
+// in the digest worker; `load` hashes the reads it streams (StreamVerifier).
+import { ChunkDigester, DigestMismatchError } from './digests';
+import { createChunkHasher } from './chunk-hash';
 import type { PieceDigester } from './crc-pieces';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { QemuSnapError } from '../errors';
@@ -21,6 +22,7 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
   if (!table) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
   const size = snap.image.virtualSize;
   const cs = table.chunkSize;
+  const zeros = await createChunkHasher(table.algorithm);
   let next = 0;
   let dataPages = 0;
   const worker = async (): Promise<void> => {
@@ -37,7 +39,7 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
         crc = d.crc;
         dataPages += d.dataPages;
       } else {
-        crc = zeroChunkCrc(length);
+        crc = zeros.zeroChunk(length);
       }
       if (crc !== table.chunks[c]) {
         throw new DigestMismatchError(`${snap.path}: RAM digest mismatch ${where(snap, offset)} (chunk ${c}): the image is damaged`);
@@ -60,7 +62,7 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
     if (!snap.digests) {
       return { chunks: 0, dataPages: snap.header.dataPages, summary: 'structure ok; this image has no RAM digests (saved without them), so RAM was not checked' };
     }
-    const digester = new ChunkDigester(snap.header.pageSize);
+    const digester = new ChunkDigester(snap.header.pageSize, snap.digests.algorithm);
     try {
       const r = await verifyChunks(snap, digester);
       if (r.dataPages !== snap.header.dataPages) {
@@ -93,13 +95,21 @@ export class StreamVerifier {
   private pending = 0;
   private ended = false;
   private error: Error | null = null;
-  /** Pieces for the worker, sent as one message per add() (see ChunkDigester.pieces). */
+  /** Pieces for the digester, handed over once per add() (see PieceDigester.pieces). */
   private batch: number[] = [];
   private done: (() => void) | null = null;
   private fail: ((err: Error) => void) | null = null;
   readonly finished: Promise<void>;
 
-  constructor(private readonly snap: SnapshotContents, private readonly digester: PieceDigester) {
+  /**
+   * @param zeroChunk the digest of a chunk of zeros of a given length (from a
+   *   hasher of its own: the digester's may be in the middle of a chunk).
+   */
+  constructor(
+    private readonly snap: SnapshotContents,
+    private readonly digester: PieceDigester,
+    private readonly zeroChunk: (length: number) => number,
+  ) {
     if (!snap.digests) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
     this.cs = snap.digests.chunkSize;
     this.finished = new Promise<void>((resolve, reject) => {
@@ -124,7 +134,7 @@ export class StreamVerifier {
       const closes = at - chunkStart + n >= this.chunkLength(c);
       if (!data && at === chunkStart && closes) {
         // A whole chunk of hole: its CRC is known without hashing zeros.
-        this.check(c, zeroChunkCrc(n), false);
+        this.check(c, this.zeroChunk(n), false);
         this.chunk = -1;
         at += n;
         continue;
@@ -166,7 +176,7 @@ export class StreamVerifier {
 
   /** Chunks no read touches must be all zeros on the disk and in the table. */
   private skipTo(c: number): void {
-    for (; this.nextChunk < c; this.nextChunk++) this.check(this.nextChunk, zeroChunkCrc(this.chunkLength(this.nextChunk)), false);
+    for (; this.nextChunk < c; this.nextChunk++) this.check(this.nextChunk, this.zeroChunk(this.chunkLength(this.nextChunk)), false);
   }
 
   private zeros(n: number): void {
@@ -179,7 +189,7 @@ export class StreamVerifier {
     if (this.batch.length === 0) return;
     const items = this.batch;
     this.batch = [];
-    this.digester.pieces(data, items, true);
+    this.digester.pieces(data, items);
   }
 
   private check(c: number, crc: number, fromWorker = true): void {

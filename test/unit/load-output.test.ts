@@ -1,7 +1,7 @@
 // The load's fast paths against their plain counterparts: synchronous fd
 // output (one reused buffer) writes the same bytes as the queued stream
-// output, chunk CRCs fed in batched pieces match zlib's over the whole
-// chunk (inline and in the worker), and a lent record buffer is reused.
+// output, chunk digests fed in batched pieces match each chunk hashed whole
+// (and the verify worker's), and a lent record buffer is reused.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -16,6 +16,7 @@ import { saveSnapshot } from '../../src/snapshot/save';
 import { loadSnapshot } from '../../src/snapshot/load';
 import { ChunkDigester } from '../../src/snapshot/digests';
 import { InlinePieceDigester, PieceDigester } from '../../src/snapshot/crc-pieces';
+import { createChunkHasher } from '../../src/snapshot/chunk-hash';
 import { RamRecordWriter, ramBlockName } from '../../src/migration/ram-writer';
 import { FdWriter, FdWriteError } from '../../src/util/fd-writer';
 
@@ -116,7 +117,7 @@ test('writeSync writes a pipe whole and reports a closed reader as EPIPE', () =>
   }
 });
 
-async function chunkCrcs(d: PieceDigester, data: Buffer, cuts: number[], cs: number): Promise<Map<number, number>> {
+async function chunkDigests(d: PieceDigester, data: Buffer, cuts: number[], cs: number): Promise<Map<number, number>> {
   const got = new Map<number, number>();
   d.onPieceCrc = (c, crc) => got.set(c, crc);
   let prev = 0;
@@ -128,35 +129,44 @@ async function chunkCrcs(d: PieceDigester, data: Buffer, cuts: number[], cs: num
       items.push(c, at - prev, at - prev + n, 0, (at + n) % cs === 0 ? 1 : 0);
       at += n;
     }
-    d.pieces(Buffer.from(data.subarray(prev, cut)), items, true);
+    d.pieces(Buffer.from(data.subarray(prev, cut)), items);
     prev = cut;
   }
-  for (let i = 0; i < 200 && got.size < data.length / cs; i++) await new Promise((r) => setTimeout(r, 5));
   return got;
 }
 
-test('chunk CRCs from batched pieces match zlib over each chunk, inline and in the worker', async () => {
+test('chunk digests from batched pieces match each chunk hashed whole, for both algorithms; the worker agrees', async () => {
   const cs = 64 << 10;
   const data = randomBytes(4 * cs, 3);
   data.fill(0, cs + 100, 2 * cs); // some zeros in the mix
   const cuts = [1000, cs + 7, 3 * cs - 4096, 3 * cs];
-  const want = new Map<number, number>();
-  for (let c = 0; c < 4; c++) want.set(c, zlib.crc32(data.subarray(c * cs, (c + 1) * cs)) >>> 0);
-  assert.equal(await chunkCrcs(new InlinePieceDigester(), data, cuts, cs), want, 'inline');
-  const worker = new ChunkDigester(PS);
-  try {
-    assert.equal(await chunkCrcs(worker, data, cuts, cs), want, 'worker');
-    // zeros counted without data, and a piece that is not given is copied
+  for (const alg of ['xxh64', 'crc32'] as const) {
+    const whole = await createChunkHasher(alg);
+    const want = new Map<number, number>();
+    for (let c = 0; c < 4; c++) want.set(c, whole.whole(data.subarray(c * cs, (c + 1) * cs)));
+    assert.equal(await chunkDigests(new InlinePieceDigester(await createChunkHasher(alg)), data, cuts, cs), want, alg);
+    if (alg === 'crc32') assert.is(want.get(0), zlib.crc32(data.subarray(0, cs)), 'version 1 digests are plain CRC-32');
+    // zeros fed without data
+    const d = new InlinePieceDigester(await createChunkHasher(alg));
     const got = new Map<number, number>();
-    worker.onPieceCrc = (c, crc) => got.set(c, crc);
+    d.onPieceCrc = (c, v) => got.set(c, v);
     const keep = randomBytes(300, 9);
-    worker.pieces(keep, [7, 100, 300, 50, 1], false);
-    for (let i = 0; i < 200 && !got.has(7); i++) await new Promise((r) => setTimeout(r, 5));
-    assert.is(got.get(7), zlib.crc32(Buffer.concat([keep.subarray(100), Buffer.alloc(50)])) >>> 0);
-    assert.is(keep.length, 300, 'not taken');
-  } finally {
-    await worker.close();
+    d.pieces(keep, [7, 100, 300, 50, 1]);
+    assert.is(got.get(7), whole.whole(Buffer.concat([keep.subarray(100), Buffer.alloc(50)])), `${alg}: data then zeros`);
+    const worker = new ChunkDigester(PS, alg);
+    try {
+      const r = await worker.digest(Buffer.from(data.subarray(cs, 2 * cs)));
+      assert.is(r.crc, want.get(1), `${alg}: worker`);
+    } finally {
+      await worker.close();
+    }
   }
+});
+
+test('pieces of a chunk while another is still open: an error, not a wrong digest', async () => {
+  const d = new InlinePieceDigester(await createChunkHasher('xxh64'));
+  d.pieces(Buffer.alloc(10), [1, 0, 10, 0, 0]);
+  assert.throws(() => d.pieces(Buffer.alloc(10), [2, 0, 10, 0, 1]), /chunk 1 is still open/);
 });
 
 test('a lent record buffer is reused and the bytes match a writer that gives its chunks away', () => {

@@ -7,7 +7,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
+import { createChunkHasher } from '../../src/snapshot/chunk-hash';
 import * as zlib from 'node:zlib';
+import { Qcow2Image } from '../../src/image';
+import { encodeDigestTable } from '../../src/snapshot/digests';
+import { VMSTATE_HEADER_SIZE } from '../../src/snapshot/layout';
 import { Readable, Writable } from 'streamx';
 import { StreamBuilder, BLOCKS } from './synthetic-stream';
 import { saveSnapshot } from '../../src/snapshot/save';
@@ -133,9 +137,11 @@ test('page runs: pages across 1 MiB boundaries, re-sent as data and as zero, any
       assert.ok((await snap.image.read(snap.blocks[1].offset, PS)).equals(page(0x55)));
       const table = snap.digests?.chunks ?? [];
       const cs = snap.digests?.chunkSize ?? 0;
+      assert.is(snap.digests?.algorithm, 'xxh64');
       assert.is(table.length, snap.image.virtualSize / cs);
+      const h = await createChunkHasher('xxh64');
       for (let c = 0; c < table.length; c++) {
-        assert.is(table[c], zlib.crc32(await snap.image.read(c * cs, cs)), `chunk ${c} digest, chunks of ${chunk}`);
+        assert.is(table[c], h.whole(await snap.image.read(c * cs, cs)), `chunk ${c} digest, chunks of ${chunk}`);
       }
     } finally {
       await snap.image.close();
@@ -187,6 +193,37 @@ test('input chunks handed back for reuse are really free: scribbling over them c
     await snap.image.close();
   }
   await verifySnapshot(image);
+});
+
+test('an image with version 1 (CRC-32) digests still verifies and loads, and damage to it is still caught', async () => {
+  const { stream, want } = runsStream();
+  const image = path.join(dir, 'v1.qcow2');
+  await saveSnapshot(nodeStream(stream, 1 << 20), image, { force: true });
+  // Rewrite the extension as an older save wrote it: same layout, CRC-32 per chunk.
+  const snap = await openSnapshot(image);
+  const cs = snap.digests?.chunkSize ?? 0;
+  const chunks = new Uint32Array(snap.image.virtualSize / cs);
+  for (let c = 0; c < chunks.length; c++) chunks[c] = zlib.crc32(await snap.image.read(c * cs, cs));
+  const at = VMSTATE_HEADER_SIZE + snap.header.stateLength;
+  const stateCrc = snap.digests?.stateCrc ?? 0;
+  await snap.image.close();
+  const img = await Qcow2Image.open(image, { writable: true });
+  await img.writeVmState(at, encodeDigestTable({ algorithm: 'crc32', chunkSize: cs, stateCrc, chunks }));
+  await img.close();
+  const again = await openSnapshot(image);
+  assert.is(again.digests?.algorithm, 'crc32');
+  await again.image.close();
+  await verifySnapshot(image);
+  const r = await loadSnapshot(image, { output: path.join(dir, 'v1.stream') });
+  assert.ok(r.dataPagesSent > 0);
+  // One flipped byte of RAM: both verify and load refuse.
+  const damaged = await Qcow2Image.open(image, { writable: true });
+  const p = want.findIndex((b) => b !== 0);
+  const byte = await damaged.read(p, 1);
+  await damaged.write(p, Buffer.from([byte[0] ^ 0xff]));
+  await damaged.close();
+  await rejects(verifySnapshot(image), /digest mismatch/);
+  await rejects(loadSnapshot(image, { output: path.join(dir, 'v1-bad.stream') }), /digest mismatch/);
 });
 
 test('load sends every page once, with the final content', async () => {
