@@ -25,6 +25,7 @@ import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { InlinePieceDigester } from './crc-pieces';
 import { createChunkHasher } from './chunk-hash';
+import { DigestMismatchError } from './digests';
 import { DirectLoadPump } from './direct-pump';
 import { StreamVerifier } from './verify';
 
@@ -88,6 +89,31 @@ async function mapBlocks(snap: SnapshotContents): Promise<Array<{ index: number;
   return out;
 }
 
+/**
+ * Before anything goes out: a chunk the image maps no data into reads as
+ * zeros, so its digest must be the digest of zeros. Damage that unmaps data
+ * (an L1 or L2 entry cleared or pointing at a table of zeros) is caught here
+ * instead of in the middle of the stream.
+ */
+async function checkUnmappedChunks(snap: SnapshotContents, runs: Array<{ offset: number; length: number; allocated: boolean }>): Promise<void> {
+  const table = snap.digests;
+  if (!table) return;
+  const cs = table.chunkSize;
+  const mapped = new Uint8Array(table.chunks.length);
+  for (const r of runs) {
+    if (!r.allocated) continue;
+    for (let c = Math.floor(r.offset / cs); c <= Math.floor((r.offset + r.length - 1) / cs); c++) mapped[c] = 1;
+  }
+  const zeros = await createChunkHasher(table.algorithm);
+  const size = snap.image.virtualSize;
+  for (let c = 0; c < table.chunks.length; c++) {
+    if (mapped[c] || table.chunks[c] === zeros.zeroChunk(Math.min(cs, size - c * cs))) continue;
+    const b = snap.blocks.find((x) => c * cs >= x.offset && c * cs < x.offset + Math.max(x.length, 1));
+    const where = b ? `in block ${b.id} at offset 0x${(c * cs - b.offset).toString(16)}` : `at disk offset 0x${(c * cs).toString(16)}`;
+    throw new DigestMismatchError(`${snap.path}: RAM digest mismatch ${where} (chunk ${c}): the image maps no data there, but data was saved: the image is damaged`);
+  }
+}
+
 /** The background plan: every page of every block, data ranges read in pieces, holes not read. */
 function* buildPlan(runs: Array<{ index: number; offset: number; length: number; allocated: boolean }>, readSize: number): Generator<ReadPlanEntry> {
   for (const run of runs) {
@@ -120,7 +146,10 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // than 1 MiB (fresh larger buffers cost more page faults), 512 KiB no faster either.
   const readSize = opts.readSize ?? 1 << 20;
   const maxInFlight = opts.maxInFlight ?? 8;
-  const plan = buildPlan(await mapBlocks(snap), readSize);
+  const runs = await mapBlocks(snap);
+  const verify = !!snap.digests && opts.verify !== false;
+  if (verify) await checkUnmappedChunks(snap, runs);
+  const plan = buildPlan(runs, readSize);
   // Precopy to a file descriptor (the CLI's pipe, or --output) runs without
   // streams: synchronous reads into one reused buffer, encoded and written
   // synchronously into one reused output buffer (DirectLoadPump). Postcopy
