@@ -23,7 +23,7 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
-import { InlinePieceDigester } from './crc-pieces';
+import { InlinePieceDigester } from './digest-pieces';
 import { createChunkHasher } from './chunk-hash';
 import { DigestMismatchError } from './digests';
 import { DirectLoadPump } from './direct-pump';

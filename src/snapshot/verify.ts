@@ -3,7 +3,7 @@
 // in the digest worker; `load` hashes the reads it streams (StreamVerifier).
 import { ChunkDigester, DigestMismatchError } from './digests';
 import { createChunkHasher } from './chunk-hash';
-import type { PieceDigester } from './crc-pieces';
+import type { PieceDigester } from './digest-pieces';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { QemuSnapError } from '../errors';
 
@@ -117,7 +117,7 @@ export class StreamVerifier {
       this.fail = reject;
     });
     this.finished.catch(() => undefined);
-    digester.onPieceCrc = (c, crc) => this.check(c, crc);
+    digester.onChunkDigest = (c, crc) => this.check(c, crc);
   }
 
   /** One background read (data, or null for a hole), in plan order. */

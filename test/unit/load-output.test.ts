@@ -15,7 +15,7 @@ import { prng } from '../helpers';
 import { saveSnapshot } from '../../src/snapshot/save';
 import { loadSnapshot } from '../../src/snapshot/load';
 import { ChunkDigester } from '../../src/snapshot/digests';
-import { InlinePieceDigester, PieceDigester } from '../../src/snapshot/crc-pieces';
+import { InlinePieceDigester, PieceDigester } from '../../src/snapshot/digest-pieces';
 import { createChunkHasher } from '../../src/snapshot/chunk-hash';
 import { RamRecordWriter, ramBlockName } from '../../src/migration/ram-writer';
 import { FdWriter, FdWriteError } from '../../src/util/fd-writer';
@@ -119,7 +119,7 @@ test('writeSync writes a pipe whole and reports a closed reader as EPIPE', () =>
 
 async function chunkDigests(d: PieceDigester, data: Buffer, cuts: number[], cs: number): Promise<Map<number, number>> {
   const got = new Map<number, number>();
-  d.onPieceCrc = (c, crc) => got.set(c, crc);
+  d.onChunkDigest = (c, crc) => got.set(c, crc);
   let prev = 0;
   for (const cut of [...cuts, data.length]) {
     const items: number[] = [];
@@ -149,7 +149,7 @@ test('chunk digests from batched pieces match each chunk hashed whole, for both 
     // zeros fed without data
     const d = new InlinePieceDigester(await createChunkHasher(alg));
     const got = new Map<number, number>();
-    d.onPieceCrc = (c, v) => got.set(c, v);
+    d.onChunkDigest = (c, v) => got.set(c, v);
     const keep = randomBytes(300, 9);
     d.pieces(keep, [7, 100, 300, 50, 1]);
     assert.is(got.get(7), whole.whole(Buffer.concat([keep.subarray(100), Buffer.alloc(50)])), `${alg}: data then zeros`);

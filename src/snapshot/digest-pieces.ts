@@ -10,11 +10,11 @@ export interface PieceDigester {
    * `items` holds groups of five numbers: chunk, start, end, zeros, final
    * (0/1). Each adds bytes [start, end) of `data` (none when start = end),
    * then `zeros` zero bytes; final closes the chunk, whose digest goes to
-   * onPieceCrc.
+   * onChunkDigest.
    */
   pieces(data: Buffer | null, items: number[]): void;
   /** Receives the digest of each chunk closed. */
-  onPieceCrc: ((chunk: number, crc: number) => void) | null;
+  onChunkDigest: ((chunk: number, crc: number) => void) | null;
 }
 
 /**
@@ -24,7 +24,7 @@ export interface PieceDigester {
  */
 export class InlinePieceDigester implements PieceDigester {
   private open = -1;
-  onPieceCrc: ((chunk: number, crc: number) => void) | null = null;
+  onChunkDigest: ((chunk: number, crc: number) => void) | null = null;
 
   constructor(private readonly hasher: ChunkHasher) {}
 
@@ -43,7 +43,7 @@ export class InlinePieceDigester implements PieceDigester {
       if (items[i + 3] > 0) h.zeros(items[i + 3]);
       if (items[i + 4] !== 0) {
         this.open = -1;
-        this.onPieceCrc?.(chunk, h.end());
+        this.onChunkDigest?.(chunk, h.end());
       }
     }
   }
