@@ -106,6 +106,16 @@ interface ImageState {
   fileSize: number;
 }
 
+/** Where walkRead() sends the pieces of a guest range, by output offset. */
+interface ReadSink {
+  /** `length` bytes at host offset `host`. */
+  run(at: number, length: number, host: number): void;
+  /** `length` bytes of zeros (a hole or a zero cluster). */
+  zeros(at: number, length: number): void;
+  /** Part of a compressed cluster; returns false to stop the walk. */
+  compressed(at: number, length: number, hi: number, lo: number, inCluster: number): boolean;
+}
+
 /**
  * A QCOW2 version 3 image: guest reads and writes, and the VM state area
  * that lies past the virtual disk. All metadata is kept in memory and only
@@ -294,49 +304,11 @@ export class Qcow2Image {
     this.checkOut(out, outOffset, length);
     if (length === 0) return true;
     if (this.cow.size !== 0) return false;
-    const cs = this.clusterSize;
-    const l2Span = cs * this.l2Entries;
-    const end = offset + length;
-    for (let l1i = Math.floor(offset / l2Span); l1i <= Math.floor((end - 1) / l2Span); l1i++) {
-      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return false;
-    }
-    let runHost = -1;
-    let runOut = 0;
-    let runLen = 0;
-    let pos = offset;
-    while (pos < end) {
-      const gci = Math.floor(pos / cs);
-      const inCluster = pos - gci * cs;
-      const n = Math.min(cs - inCluster, end - pos);
-      const at = outOffset + pos - offset;
-      const l1i = Math.floor(gci / this.l2Entries);
-      const table = this.l2Offset(l1i) === 0 ? undefined : this.l2Cache.get(l1i);
-      pos += n;
-      let host = 0;
-      if (table) {
-        const j = gci - l1i * this.l2Entries;
-        const hi = table.readUInt32BE(j * 8);
-        const lo = table.readUInt32BE(j * 8 + 4);
-        if ((hi & FLAG_COMPRESSED) !== 0) return false;
-        host = (lo & 1) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
-      }
-      if (host === 0) {
-        if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
-        runLen = 0;
-        out.fill(0, at, at + n);
-        continue;
-      }
-      if (runLen > 0 && runHost + runLen === host + inCluster) {
-        runLen += n;
-      } else {
-        if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
-        runHost = host + inCluster;
-        runOut = at;
-        runLen = n;
-      }
-    }
-    if (runLen > 0) this.readRunSync(out, runOut, runLen, runHost);
-    return true;
+    return this.walkRead(offset, length, outOffset, {
+      run: (at, n, host) => this.readRunSync(out, at, n, host),
+      zeros: (at, n) => void out.fill(0, at, at + n),
+      compressed: () => false,
+    });
   }
 
   write(offset: number, data: Buffer): Promise<void> {
@@ -737,18 +709,37 @@ export class Qcow2Image {
 
   /** Map a guest range to host reads into `out` from `outOffset` on; null if an L2 table went missing meanwhile. */
   private planRead(offset: number, length: number, out: Buffer, outOffset: number): Promise<void>[] | null {
+    const tasks: Promise<void>[] = [];
+    const mapped = this.walkRead(offset, length, outOffset, {
+      run: (at, n, host) => void tasks.push(this.readRun(out, at, n, host)),
+      zeros: (at, n) => void out.fill(0, at, at + n),
+      compressed: (at, n, hi, lo, inCluster) => {
+        tasks.push(this.inflate(hi, lo).then((data) => void data.copy(out, at, inCluster, inCluster + n)));
+        return true;
+      },
+    });
+    return mapped ? tasks : null;
+  }
+
+  /**
+   * Walks how guest bytes [offset, offset+length) lie in the file, telling
+   * `sink` where each piece goes in the output (from `outOffset` on):
+   * contiguous host ranges as one run, holes and zero clusters as zeros,
+   * compressed clusters one by one. False when an L2 table of the range is
+   * not in memory, or when sink.compressed() says stop.
+   */
+  private walkRead(offset: number, length: number, outOffset: number, sink: ReadSink): boolean {
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
     const end = offset + length;
     for (let l1i = Math.floor(offset / l2Span); l1i <= Math.floor((end - 1) / l2Span); l1i++) {
-      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return null;
+      if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return false;
     }
-    const tasks: Promise<void>[] = [];
     let runHost = -1;
     let runOut = 0;
     let runLen = 0;
     const endRun = (): void => {
-      if (runLen > 0) tasks.push(this.readRun(out, runOut, runLen, runHost));
+      if (runLen > 0) sink.run(runOut, runLen, runHost);
       runLen = 0;
     };
     let pos = offset;
@@ -762,7 +753,7 @@ export class Qcow2Image {
       pos += n;
       if (!table) {
         endRun();
-        out.fill(0, at, at + n);
+        sink.zeros(at, n);
         continue;
       }
       const j = gci - l1i * this.l2Entries;
@@ -770,13 +761,13 @@ export class Qcow2Image {
       const lo = table.readUInt32BE(j * 8 + 4);
       if ((hi & FLAG_COMPRESSED) !== 0) {
         endRun();
-        tasks.push(this.inflate(hi, lo).then((data) => void data.copy(out, at, inCluster, inCluster + n)));
+        if (!sink.compressed(at, n, hi, lo, inCluster)) return false;
         continue;
       }
       const host = this.standardOffset(hi, lo, l1i, j);
       if ((lo & 1) !== 0 || host === 0) {
         endRun();
-        out.fill(0, at, at + n);
+        sink.zeros(at, n);
         continue;
       }
       if (runLen > 0 && runHost + runLen === host + inCluster) {
@@ -789,7 +780,7 @@ export class Qcow2Image {
       }
     }
     endRun();
-    return tasks;
+    return true;
   }
 
   private readRun(out: Buffer, at: number, length: number, host: number): Promise<void> {
