@@ -37,6 +37,23 @@ test.before(async () => {
   for (const a of ALGORITHMS) hashers.set(a, await createChunkHasher(a));
 });
 
+test('digest algorithms pinned by known answers: version 2 is the low 32 bits of XXH64 (seed 0), version 1 CRC-32', async () => {
+  const x = hashers.get('xxh64') as ChunkHasher;
+  assert.is(x.whole(Buffer.alloc(0)), 0x51d8e999, 'XXH64("") = 0xef46db3751d8e999');
+  assert.is(x.whole(Buffer.from('abc')), 0xad770999, 'XXH64("abc") = 0x44bc2cf5ad770999');
+  const c = hashers.get('crc32') as ChunkHasher;
+  assert.is(c.whole(Buffer.from('123456789')), 0xcbf43926, 'the CRC-32 check value');
+  // Fed in pieces and zeros: the same as whole.
+  x.begin();
+  x.update(Buffer.from('ab'));
+  x.update(Buffer.from('c'));
+  assert.is(x.end(), 0xad770999);
+  x.begin();
+  x.zeros(3 << 20);
+  assert.is(x.end(), x.whole(Buffer.alloc(3 << 20)));
+  assert.is(x.zeroChunk(3 << 20), x.whole(Buffer.alloc(3 << 20)));
+});
+
 test('in-order writes with holes: every chunk digested from the writes alone', async () => {
   for (const alg of ALGORITHMS) await inOrder(alg);
 });
