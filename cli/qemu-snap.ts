@@ -9,10 +9,8 @@ import { setFlagsFromString } from 'node:v8';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
 import { ProgressLine } from '../src/util/progress';
-import { saveSnapshot } from '../src/snapshot/save';
-import { describeFile, formatInfo } from '../src/snapshot/info';
-import { loadSnapshot } from '../src/snapshot/load';
-import { verifySnapshot } from '../src/snapshot/verify';
+// Each command loads its own modules (below, with import()): a restore
+// should not pay for compiling the save pipeline, and the reverse.
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
@@ -166,6 +164,7 @@ async function cmdSave(argv: string[]): Promise<void> {
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
+    const { saveSnapshot } = await import('../src/snapshot/save');
     const r = await saveSnapshot(input, image, {
       pageSize,
       clusterSize,
@@ -210,6 +209,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
+    const { loadSnapshot } = await import('../src/snapshot/load');
     const r = await loadSnapshot(image, {
       output: outputPath,
       // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
@@ -235,6 +235,7 @@ async function cmdInfo(argv: string[]): Promise<void> {
   const { args } = parse(argv, { boolean: ['json'] });
   if (args.help) return void stdout().write(USAGE + '\n');
   const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
+  const { describeFile, formatInfo } = await import('../src/snapshot/info');
   const info = await describeFile(file);
   stdout().write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
 }
@@ -243,6 +244,7 @@ async function cmdVerify(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {});
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to check)');
+  const { verifySnapshot } = await import('../src/snapshot/verify');
   const r = await verifySnapshot(image);
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
