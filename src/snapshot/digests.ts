@@ -18,8 +18,9 @@ import { WORKER_HEAP } from '../util/fd-reader';
 import type { DigestAlgorithm } from './chunk-hash';
 
 export const DIGEST_MAGIC = 0x51534447; // "QSDG"
-/** What save writes: 2 (XXH64); 1 (CRC-32) is still read. */
-export const DIGEST_VERSION = 2;
+/** The algorithm save uses (version 2); version 1 images (CRC-32) are still read. */
+export const SAVE_DIGEST_ALGORITHM: DigestAlgorithm = 'xxh64';
+const ALGORITHM_VERSION: Record<DigestAlgorithm, number> = { crc32: 1, xxh64: 2 };
 const VERSION_ALGORITHM: Record<number, DigestAlgorithm> = { 1: 'crc32', 2: 'xxh64' };
 export const DIGEST_HEADER_SIZE = 32;
 export const DIGEST_CHUNK_SIZE = 1 << 20;
@@ -36,7 +37,7 @@ export function encodeDigestTable(t: DigestTable): Buffer {
   const b = Buffer.alloc(DIGEST_HEADER_SIZE + 4 * t.chunks.length);
   for (let i = 0; i < t.chunks.length; i++) b.writeUInt32BE(t.chunks[i], DIGEST_HEADER_SIZE + 4 * i);
   b.writeUInt32BE(DIGEST_MAGIC, 0);
-  b.writeUInt16BE(t.algorithm === 'crc32' ? 1 : 2, 4);
+  b.writeUInt16BE(ALGORITHM_VERSION[t.algorithm], 4);
   b.writeUInt16BE(DIGEST_HEADER_SIZE, 6);
   b.writeUInt32BE(t.chunkSize, 8);
   b.writeUInt32BE(t.chunks.length, 12);

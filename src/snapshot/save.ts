@@ -18,7 +18,7 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
 import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './layout';
-import { DIGEST_CHUNK_SIZE, encodeDigestTable } from './digests';
+import { DIGEST_CHUNK_SIZE, encodeDigestTable, SAVE_DIGEST_ALGORITHM } from './digests';
 import { ChunkTracker } from './chunk-tracker';
 import { createChunkHasher } from './chunk-hash';
 import * as zlib from 'node:zlib';
@@ -148,20 +148,8 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
 
-  const recycler = isRecycling(input) ? new InputRecycler(input) : null;
-  // Assigned below; the gate's hook only runs once data flows.
-  let writerRef: SnapshotWriter | null = null;
-  const gate = new InputGate(
-    input,
-    recycler
-      ? (chunk, end) => {
-          if (writerRef) recycler.releaseBefore(writerRef.releasedBefore);
-          recycler.add(chunk, end);
-        }
-      : undefined,
-  );
   const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
-  const hasher = opts.digests === false ? null : await createChunkHasher('xxh64');
+  const hasher = opts.digests === false ? null : await createChunkHasher(SAVE_DIGEST_ALGORITHM);
   let returnPathOpen = false;
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
@@ -180,7 +168,16 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       }
     },
   });
-  writerRef = writer;
+  const recycler = isRecycling(input) ? new InputRecycler(input) : null;
+  const gate = new InputGate(
+    input,
+    recycler
+      ? (chunk, end) => {
+          recycler.releaseBefore(writer.releasedBefore);
+          recycler.add(chunk, end);
+        }
+      : undefined,
+  );
   const ring = new OrderedBlockWriter(blockTarget, { maxInFlight: opts.maxInFlight, onComplete: (w) => writer.writeDone(w) });
 
   // A source with a return path waits for SHUT before it closes the pipe:
@@ -222,7 +219,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     if (blockTarget.tracker) {
       const chunks = await blockTarget.tracker.finish();
       const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
-      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: 'xxh64', chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
+      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: SAVE_DIGEST_ALGORITHM, chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
     }
     await image.flush({ sync: true });
     await image.close();

@@ -50,7 +50,8 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
   return { chunks: table.chunks.length, dataPages };
 }
 
-function where(snap: SnapshotContents, offset: number): string {
+/** Where disk `offset` lies, for an error message: block and offset in it. */
+export function where(snap: SnapshotContents, offset: number): string {
   const b = snap.blocks.find((x) => offset >= x.offset && offset < x.offset + Math.max(x.length, 1));
   return b ? `in block ${b.id} at offset 0x${(offset - b.offset).toString(16)}` : `at disk offset 0x${offset.toString(16)} (outside every RAM block)`;
 }
