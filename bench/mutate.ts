@@ -305,6 +305,18 @@ function pickRegion(rng: Rng, regions: Region[], weights: Record<string, number>
   return null; // truncation anywhere
 }
 
+/** The damage seed `seed` picks: a region by weight (or a truncation anywhere), then what to do to it. */
+function caseMutation(base: Buffer, regions: Region[], seed: number, weights: Record<string, number>): Mutation {
+  const rng = makeRng(seed);
+  const region = pickRegion(rng, regions, weights);
+  return region ? mutate(base, region, rng) : truncateAnywhere(base, rng);
+}
+
+/** A case's outcome, as refused until its checks say otherwise. */
+function refusedOutcome(m: Mutation, seed: number, r: { ms: number; stderr: string }): CaseOutcome {
+  return { kind: m.kind, op: m.op, desc: `seed ${seed}: ${m.desc}`, result: 'refused', ms: r.ms, stderr: r.stderr.trim() };
+}
+
 export const SAVE_WEIGHTS: Record<string, number> = { header: 1, config: 2, leader: 4, ramhdr: 4, idstr: 2, pagedata: 1, footer: 3, device: 2, tail: 3, truncate: 3 };
 
 export interface SaveCaseOptions {
@@ -316,14 +328,12 @@ export interface SaveCaseOptions {
 
 /** One save case: the mutated stream on stdin, into an empty directory. */
 export async function saveCase(base: Buffer, regions: Region[], seed: number, opts: SaveCaseOptions): Promise<CaseOutcome> {
-  const rng = makeRng(seed);
-  const region = pickRegion(rng, regions, SAVE_WEIGHTS);
-  const m = region ? mutate(base, region, rng) : truncateAnywhere(base, rng);
+  const m = caseMutation(base, regions, seed, SAVE_WEIGHTS);
   const dir = fs.mkdtempSync(path.join(opts.workDir, 'save-'));
   try {
     const image = path.join(dir, 'vm.qcow2');
     const r = await runCliCase(['save', '-q', image], { stdin: m.data, timeoutMs: opts.timeoutMs });
-    const o: CaseOutcome = { kind: m.kind, op: m.op, desc: `seed ${seed}: ${m.desc}`, result: 'refused', ms: r.ms, stderr: r.stderr.trim() };
+    const o = refusedOutcome(m, seed, r);
     const left = fs.readdirSync(dir);
     if (r.code === 0 && !r.timedOut) {
       o.result = 'ok';
@@ -359,15 +369,13 @@ export interface LoadCaseOptions {
 
 /** One load case: a damaged copy of the image, the stream to stdout. */
 export async function loadCase(base: Buffer, regions: Region[], seed: number, opts: LoadCaseOptions): Promise<CaseOutcome> {
-  const rng = makeRng(seed);
-  const region = pickRegion(rng, regions, LOAD_WEIGHTS);
-  const m = region ? mutate(base, region, rng) : truncateAnywhere(base, rng);
+  const m = caseMutation(base, regions, seed, LOAD_WEIGHTS);
   const dir = fs.mkdtempSync(path.join(opts.workDir, 'load-'));
   try {
     const image = path.join(dir, 'vm.qcow2');
     fs.writeFileSync(image, m.data);
     const r = await runCliCase(['load', '-q', image], { timeoutMs: opts.timeoutMs });
-    const o: CaseOutcome = { kind: m.kind, op: m.op, desc: `seed ${seed}: ${m.desc}`, result: 'refused', ms: r.ms, stderr: r.stderr.trim() };
+    const o = refusedOutcome(m, seed, r);
     if (r.code === 0 && !r.timedOut) {
       o.result = 'ok';
       if (r.stdout.equals(opts.baseline)) return o;

@@ -53,31 +53,14 @@ export function makePattern(file: string, size: number, seed: number): void {
  * A shorter file differs at its length.
  */
 export function compareFiles(a: string, b: string): number {
-  const fa = fs.openSync(a, 'r');
-  const fb = fs.openSync(b, 'r');
-  try {
-    const ba = Buffer.allocUnsafe(CHUNK);
-    const bb = Buffer.allocUnsafe(CHUNK);
-    for (let pos = 0; ; ) {
-      const na = readFull(fa, ba, pos);
-      const nb = readFull(fb, bb, pos);
-      const n = Math.min(na, nb);
-      if (ba.compare(bb, 0, n, 0, n) !== 0) {
-        for (let i = 0; i < n; i++) if (ba[i] !== bb[i]) return pos + i;
-      }
-      if (na !== nb) return pos + n;
-      if (na === 0) return -1;
-      pos += n;
-    }
-  } finally {
-    fs.closeSync(fa);
-    fs.closeSync(fb);
-  }
+  const first = diffRanges(a, b, 1, 0);
+  return first.length > 0 ? first[0][0] : -1;
 }
 
 /**
- * Byte ranges [start, end) where two equally long files differ, merging
- * differences closer than `gap` bytes; at most `limit` ranges. For reporting
+ * Byte ranges [start, end) where two files differ, merging differences
+ * closer than `gap` bytes; at most `limit` ranges. Where one file is
+ * longer, its tail is one more range. For reporting
  * what differs (e.g. KVM rewriting the guest's kvmclock page on restore).
  */
 export function diffRanges(a: string, b: string, limit = 16, gap = 64): Array<[number, number]> {

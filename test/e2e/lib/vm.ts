@@ -363,22 +363,23 @@ export async function withVm<T>(opts: VmOptions, fn: (vm: Vm) => Promise<T>): Pr
   }
 }
 
-/** savevm through HMP; returns wall time in ms. Needs a writable qcow2 drive attached. */
-export async function savevmTiming(vm: Vm, tag: string): Promise<number> {
+/** An HMP command that prints nothing on success; returns wall time in ms. */
+async function timedHmp(vm: Vm, command: string): Promise<number> {
   const t0 = performance.now();
-  const out = await vm.hmp(`savevm ${tag}`);
+  const out = await vm.hmp(command);
   const ms = performance.now() - t0;
-  if (out.trim()) throw new QemuProcessError(vm.name, `savevm ${tag}: ${out.trim()}`);
+  if (out.trim()) throw new QemuProcessError(vm.name, `${command}: ${out.trim()}`);
   return ms;
 }
 
+/** savevm through HMP; returns wall time in ms. Needs a writable qcow2 drive attached. */
+export function savevmTiming(vm: Vm, tag: string): Promise<number> {
+  return timedHmp(vm, `savevm ${tag}`);
+}
+
 /** loadvm through HMP; returns wall time in ms. */
-export async function loadvmTiming(vm: Vm, tag: string): Promise<number> {
-  const t0 = performance.now();
-  const out = await vm.hmp(`loadvm ${tag}`);
-  const ms = performance.now() - t0;
-  if (out.trim()) throw new QemuProcessError(vm.name, `loadvm ${tag}: ${out.trim()}`);
-  return ms;
+export function loadvmTiming(vm: Vm, tag: string): Promise<number> {
+  return timedHmp(vm, `loadvm ${tag}`);
 }
 
 /** Create a qcow2 image with qemu-img (for savevm/loadvm and as a scratch disk). */
