@@ -71,22 +71,15 @@ export class LoadEncoder extends Transform {
     });
     this.pageSize = opts.pageSize;
     this.zeroPage = Buffer.alloc(opts.pageSize);
+    // A sink writes each chunk before the writer goes on, so the writer may
+    // lend it its buffer; pushed chunks must be the consumer's to keep.
     const sink = opts.sink;
-    this.writer = sink
-      ? new RamRecordWriter(
-          opts.ramSectionId,
-          opts.pageSize,
-          (chunk) => {
-            this.bytesOut += chunk.length;
-            sink(chunk);
-          },
-          1 << 20,
-          true,
-        )
-      : new RamRecordWriter(opts.ramSectionId, opts.pageSize, (chunk) => {
-          this.bytesOut += chunk.length;
-          this.push(chunk);
-        });
+    const emit = sink ?? ((chunk: Buffer) => void this.push(chunk));
+    const onChunk = (chunk: Buffer): void => {
+      this.bytesOut += chunk.length;
+      emit(chunk);
+    };
+    this.writer = new RamRecordWriter(opts.ramSectionId, opts.pageSize, onChunk, 1 << 20, sink !== undefined);
     this.blocks = opts.blocks.map((layout) => {
       const pages = Math.ceil(layout.length / opts.pageSize);
       return { layout, name: ramBlockName(layout.id), sent: new Uint8Array(Math.ceil(pages / 8)), pages };
