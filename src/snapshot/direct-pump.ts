@@ -92,7 +92,7 @@ export class DirectLoadPump {
   }
 
   private async readEntry(e: ReadPlanEntry): Promise<Buffer> {
-    // A consumer that took the buffer's memory (transferred it) leaves it empty.
+    // A plan entry larger than readSize gets a larger buffer.
     if (this.buf.length < e.length) this.buf = Buffer.allocUnsafe(Math.max(e.length, this.buf.length));
     const out = e.length === this.buf.length ? this.buf : this.buf.subarray(0, e.length);
     try {
