@@ -4,12 +4,14 @@
 // round trips in which one side sleeps and the other wakes it, and on a
 // virtual machine a wake-up across CPUs is expensive: on our 2-vCPU bench
 // machine reading 1 GiB from `cat` took 0.76-1.0 s through a 64 KiB pipe and
-// 0.31-0.44 s through a 1 MiB one. Node has no fcntl(2), but any process
-// holding the pipe can resize it, so a one-line perl (perl-base is Essential
-// in Debian) does it on an inherited descriptor. Best effort: without perl,
-// or over the system's pipe-max-size, the pipe keeps its size.
+// 0.31-0.44 s through a 1 MiB one. Node has no fcntl(2): the native module
+// has, and without it any process holding the pipe can resize it, so a
+// one-line perl (perl-base is Essential in Debian; ~10 ms to spawn) does it
+// on an inherited descriptor. Best effort: without either, or over the
+// system's pipe-max-size, the pipe keeps its size.
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import { native } from './native';
 
 const F_SETPIPE_SZ = 1031;
 export const DEFAULT_PIPE_BYTES = 1 << 20;
@@ -38,6 +40,14 @@ export function enlargePipe(fd: 0 | 1, bytes = DEFAULT_PIPE_BYTES): number | nul
     bytes = n;
   }
   const want = Math.min(bytes, pipeMaxSize());
+  const mod = native();
+  if (mod) {
+    try {
+      return mod.pipeSize(fd, want);
+    } catch {
+      return null;
+    }
+  }
   const handle = fd === 0 ? 'STDIN' : 'STDOUT';
   // The child gets our descriptor as its own fd 0 or 1 and prints the new size.
   const script = `my $n = fcntl(${handle}, ${F_SETPIPE_SZ}, ${want}); print STDERR (defined $n ? $n + 0 : -1);`;

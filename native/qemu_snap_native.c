@@ -1,0 +1,386 @@
+// The few system calls and the one hash that Node cannot do for us cheaply.
+//
+// - pipeSize: F_SETPIPE_SZ (Node has no fcntl; without this module a perl
+//   one-liner is spawned instead, ~10 ms).
+// - mapFile / dropPages: a read-only window of the image file, so that load
+//   hands page-cache pages to write(2) directly instead of copying them into
+//   a buffer with pread(2) first.
+// - writeSegments: one writev(2) of many (buffer, offset, length) pieces,
+//   described in a typed array so that no JS object is made per piece.
+// - xxh64: XXH64 (seed 0) over memory Node already holds, without copying it
+//   into WebAssembly memory first; incremental, its state in a caller's buffer.
+//
+// Everything here is optional: the JS side falls back when the module is
+// not built. Errors are thrown as Error objects whose `code` is the errno
+// name, like Node's own.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <node_api.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define CHECK(call)                                                          \
+  do {                                                                       \
+    if ((call) != napi_ok) {                                                 \
+      napi_throw_error(env, "EINVAL", "qemu-snap native: bad arguments");    \
+      return NULL;                                                           \
+    }                                                                        \
+  } while (0)
+
+static napi_value throw_errno(napi_env env, const char *what, int err) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
+  const char *code = "EIO";
+  switch (err) {
+    case EPIPE: code = "EPIPE"; break;
+    case EBADF: code = "EBADF"; break;
+    case EINVAL: code = "EINVAL"; break;
+    case ENOMEM: code = "ENOMEM"; break;
+    case EPERM: code = "EPERM"; break;
+    case EACCES: code = "EACCES"; break;
+    case ENOSPC: code = "ENOSPC"; break;
+    case EFAULT: code = "EFAULT"; break;
+    case ENODEV: code = "ENODEV"; break;
+    case EBUSY: code = "EBUSY"; break;
+  }
+  napi_throw_error(env, code, msg);
+  return NULL;
+}
+
+static int get_i64(napi_env env, napi_value v, int64_t *out) {
+  return napi_get_value_int64(env, v, out) == napi_ok;
+}
+
+// pipeSize(fd, bytes) -> the size granted
+static napi_value pipe_size(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd, bytes;
+  if (argc < 2 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &bytes)) CHECK(napi_invalid_arg);
+  int r = fcntl((int)fd, F_SETPIPE_SZ, (int)bytes);
+  if (r < 0) return throw_errno(env, "fcntl(F_SETPIPE_SZ)", errno);
+  napi_value out;
+  CHECK(napi_create_int64(env, r, &out));
+  return out;
+}
+
+// ---- mapped windows ----
+
+typedef struct {
+  void *addr;
+  size_t length;
+} Mapping;
+
+static void unmap_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)data;
+  Mapping *m = hint;
+  munmap(m->addr, m->length);
+  free(m);
+}
+
+// mapFile(fd, offset, length) -> Buffer over the file's bytes, read-only
+// (writing to it kills the process). Unmapped when the Buffer is collected.
+static napi_value map_file(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd, offset, length;
+  if (argc < 3 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &offset) || !get_i64(env, argv[2], &length))
+    CHECK(napi_invalid_arg);
+  long page = sysconf(_SC_PAGESIZE);
+  if (offset < 0 || length <= 0 || offset % page != 0) return throw_errno(env, "mmap", EINVAL);
+  void *addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, (int)fd, (off_t)offset);
+  if (addr == MAP_FAILED) return throw_errno(env, "mmap", errno);
+  // Read front to back: the kernel may read ahead and drop behind.
+  madvise(addr, (size_t)length, MADV_SEQUENTIAL);
+  Mapping *m = malloc(sizeof *m);
+  if (!m) {
+    munmap(addr, (size_t)length);
+    return throw_errno(env, "mmap", ENOMEM);
+  }
+  m->addr = addr;
+  m->length = (size_t)length;
+  napi_value buf;
+  if (napi_create_external_buffer(env, (size_t)length, addr, unmap_finalize, m, &buf) != napi_ok) {
+    munmap(addr, (size_t)length);
+    free(m);
+    napi_throw_error(env, "ENOMEM", "mmap: cannot wrap the mapping in a Buffer");
+    return NULL;
+  }
+  return buf;
+}
+
+// dropPages(buffer) -> undefined: the whole pages inside `buffer` leave this
+// process's memory (MADV_DONTNEED). For a window of mapFile(): its pages
+// stay in the page cache and are read again if touched, so this only trims
+// the resident set, which would otherwise grow with the image until the
+// window is collected.
+static napi_value drop_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *data;
+  size_t len;
+  if (argc < 1) CHECK(napi_invalid_arg);
+  CHECK(napi_get_buffer_info(env, argv[0], &data, &len));
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t start = ((uintptr_t)data + page - 1) & ~(page - 1);
+  uintptr_t end = ((uintptr_t)data + len) & ~(page - 1);
+  if (end > start && madvise((void *)start, end - start, MADV_DONTNEED) != 0) return throw_errno(env, "madvise", errno);
+  return NULL;
+}
+
+// ---- gathered writes ----
+
+#define MAX_IOV 1024
+
+// writeSegments(fd, buffers, segments, count) -> bytes written.
+// segments is a Float64Array of (buffer index, offset, length) triples.
+// Writes all of them, in order, blocking until done (waits in poll(2) when
+// the descriptor is non-blocking and full).
+static napi_value write_segments(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd, count;
+  if (argc < 4 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[3], &count)) CHECK(napi_invalid_arg);
+  uint32_t nbufs;
+  CHECK(napi_get_array_length(env, argv[1], &nbufs));
+  if (nbufs > 16) return throw_errno(env, "writeSegments: more than 16 buffers", EINVAL);
+  uint8_t *bases[16];
+  size_t lens[16];
+  for (uint32_t i = 0; i < nbufs; i++) {
+    napi_value b;
+    CHECK(napi_get_element(env, argv[1], i, &b));
+    void *d;
+    CHECK(napi_get_buffer_info(env, b, &d, &lens[i]));
+    bases[i] = d;
+  }
+  napi_typedarray_type type;
+  size_t n;
+  void *segdata;
+  CHECK(napi_get_typedarray_info(env, argv[2], &type, &n, &segdata, NULL, NULL));
+  if (type != napi_float64_array || count < 0 || (size_t)count * 3 > n) return throw_errno(env, "writeSegments: segments", EINVAL);
+  const double *seg = segdata;
+  struct iovec iov[MAX_IOV];
+  int64_t total = 0;
+  int64_t i = 0;
+  while (i < count) {
+    int k = 0;
+    for (; k < MAX_IOV && i + k < count; k++) {
+      const double *s = seg + (i + k) * 3;
+      uint32_t b = (uint32_t)s[0];
+      size_t off = (size_t)s[1], len = (size_t)s[2];
+      if (b >= nbufs || off > lens[b] || len > lens[b] - off) return throw_errno(env, "writeSegments: segment out of range", EINVAL);
+      iov[k].iov_base = bases[b] + off;
+      iov[k].iov_len = len;
+    }
+    // Write these k pieces whole, resuming after partial writes.
+    struct iovec *v = iov;
+    int left = k;
+    while (left > 0) {
+      ssize_t w = writev((int)fd, v, left);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          struct pollfd p = {.fd = (int)fd, .events = POLLOUT};
+          poll(&p, 1, -1);
+          continue;
+        }
+        return throw_errno(env, "write", errno);
+      }
+      total += w;
+      while (left > 0 && (size_t)w >= v->iov_len) {
+        w -= (ssize_t)v->iov_len;
+        v++;
+        left--;
+      }
+      if (left > 0) {
+        v->iov_base = (uint8_t *)v->iov_base + w;
+        v->iov_len -= (size_t)w;
+      }
+    }
+    i += k;
+  }
+  napi_value out;
+  CHECK(napi_create_int64(env, total, &out));
+  return out;
+}
+
+// ---- XXH64 ----
+// Written from the algorithm's description (Yann Collet's xxHash spec).
+
+static const uint64_t P1 = 0x9E3779B185EBCA87ULL;
+static const uint64_t P2 = 0xC2B2AE3D27D4EB4FULL;
+static const uint64_t P3 = 0x165667B19E3779F9ULL;
+static const uint64_t P4 = 0x85EBCA77C2B2AE63ULL;
+static const uint64_t P5 = 0x27D4EB2F165667C5ULL;
+
+static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t rd64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;  // x86 and arm64 Linux are little-endian, as XXH64 reads
+}
+static inline uint32_t rd32(const uint8_t *p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+static inline uint64_t xround(uint64_t acc, uint64_t in) {
+  acc += in * P2;
+  acc = rotl(acc, 31);
+  return acc * P1;
+}
+static inline uint64_t xmerge(uint64_t h, uint64_t v) {
+  h ^= xround(0, v);
+  return h * P1 + P4;
+}
+
+// The state a caller keeps in a Buffer of XXH_STATE_BYTES.
+typedef struct {
+  uint64_t total;
+  uint64_t v[4];
+  uint8_t mem[32];
+  uint32_t memLen;
+  uint32_t pad;
+} XxhState;
+#define XXH_STATE_BYTES ((int)sizeof(XxhState))
+
+static void xxh_reset(XxhState *s) {
+  memset(s, 0, sizeof *s);
+  s->v[0] = P1 + P2;
+  s->v[1] = P2;
+  s->v[2] = 0;
+  s->v[3] = 0 - P1;
+}
+
+static void xxh_update(XxhState *s, const uint8_t *p, size_t len) {
+  s->total += len;
+  if (s->memLen + len < 32) {
+    memcpy(s->mem + s->memLen, p, len);
+    s->memLen += (uint32_t)len;
+    return;
+  }
+  uint64_t v0 = s->v[0], v1 = s->v[1], v2 = s->v[2], v3 = s->v[3];
+  if (s->memLen) {
+    size_t fill = 32 - s->memLen;
+    memcpy(s->mem + s->memLen, p, fill);
+    v0 = xround(v0, rd64(s->mem));
+    v1 = xround(v1, rd64(s->mem + 8));
+    v2 = xround(v2, rd64(s->mem + 16));
+    v3 = xround(v3, rd64(s->mem + 24));
+    p += fill;
+    len -= fill;
+    s->memLen = 0;
+  }
+  while (len >= 32) {
+    v0 = xround(v0, rd64(p));
+    v1 = xround(v1, rd64(p + 8));
+    v2 = xround(v2, rd64(p + 16));
+    v3 = xround(v3, rd64(p + 24));
+    p += 32;
+    len -= 32;
+  }
+  s->v[0] = v0, s->v[1] = v1, s->v[2] = v2, s->v[3] = v3;
+  memcpy(s->mem, p, len);
+  s->memLen = (uint32_t)len;
+}
+
+static uint64_t xxh_digest(const XxhState *s) {
+  uint64_t h;
+  if (s->total >= 32) {
+    h = rotl(s->v[0], 1) + rotl(s->v[1], 7) + rotl(s->v[2], 12) + rotl(s->v[3], 18);
+    for (int i = 0; i < 4; i++) h = xmerge(h, s->v[i]);
+  } else {
+    h = P5;  // seed 0
+  }
+  h += s->total;
+  const uint8_t *p = s->mem;
+  size_t len = s->memLen;
+  for (; len >= 8; p += 8, len -= 8) h = rotl(h ^ xround(0, rd64(p)), 27) * P1 + P4;
+  if (len >= 4) {
+    h = rotl(h ^ ((uint64_t)rd32(p) * P1), 23) * P2 + P3;
+    p += 4;
+    len -= 4;
+  }
+  for (; len > 0; p++, len--) h = rotl(h ^ (*p * P5), 11) * P1;
+  h ^= h >> 33;
+  h *= P2;
+  h ^= h >> 29;
+  h *= P3;
+  h ^= h >> 32;
+  return h;
+}
+
+static XxhState *state_arg(napi_env env, napi_value v) {
+  void *d;
+  size_t len;
+  if (napi_get_buffer_info(env, v, &d, &len) != napi_ok || len < sizeof(XxhState) || ((uintptr_t)d & 7) != 0) return NULL;
+  return d;
+}
+
+// xxh64Reset(state)
+static napi_value xxh64_reset(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  XxhState *s = argc >= 1 ? state_arg(env, argv[0]) : NULL;
+  if (!s) CHECK(napi_invalid_arg);
+  xxh_reset(s);
+  return NULL;
+}
+
+// xxh64Update(state, data)
+static napi_value xxh64_update(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  XxhState *s = argc >= 2 ? state_arg(env, argv[0]) : NULL;
+  if (!s) CHECK(napi_invalid_arg);
+  void *d;
+  size_t len;
+  CHECK(napi_get_buffer_info(env, argv[1], &d, &len));
+  xxh_update(s, d, len);
+  return NULL;
+}
+
+// xxh64Low(state) -> the low 32 bits of the digest, unsigned
+static napi_value xxh64_low(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  XxhState *s = argc >= 1 ? state_arg(env, argv[0]) : NULL;
+  if (!s) CHECK(napi_invalid_arg);
+  napi_value out;
+  CHECK(napi_create_uint32(env, (uint32_t)xxh_digest(s), &out));
+  return out;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"pipeSize", NULL, pipe_size, NULL, NULL, NULL, napi_default, NULL},
+      {"mapFile", NULL, map_file, NULL, NULL, NULL, napi_default, NULL},
+      {"dropPages", NULL, drop_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"writeSegments", NULL, write_segments, NULL, NULL, NULL, napi_default, NULL},
+      {"xxh64Reset", NULL, xxh64_reset, NULL, NULL, NULL, napi_default, NULL},
+      {"xxh64Update", NULL, xxh64_update, NULL, NULL, NULL, napi_default, NULL},
+      {"xxh64Low", NULL, xxh64_low, NULL, NULL, NULL, napi_default, NULL},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
+  napi_value n;
+  if (napi_create_int32(env, XXH_STATE_BYTES, &n) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "xxh64StateBytes", n) != napi_ok) return NULL;
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,54 @@
+// The optional native module (native/qemu_snap_native.c), built at install
+// by scripts/build-native.mjs. Each user has a pure-JS fallback, so a
+// machine without a compiler runs qemu-snap, only slower.
+// QEMU_SNAP_NATIVE=0 turns it off (the tests compare both paths).
+import * as path from 'node:path';
+
+export interface NativeModule {
+  /** F_SETPIPE_SZ on `fd`; returns the size granted. Throws with the errno's code. */
+  pipeSize(fd: number, bytes: number): number;
+  /** A read-only mapping of the file's bytes [offset, offset+length); offset page-aligned. Unmapped when collected. */
+  mapFile(fd: number, offset: number, length: number): Buffer;
+  /** Drops the whole pages inside `view` from this process's memory (they stay in the page cache). */
+  dropPages(view: Buffer): void;
+  /**
+   * Writes the pieces `segments` describes, in order, whole: `count`
+   * triples (index into `buffers`, offset, length). Blocks until done.
+   * Returns the bytes written. At most 16 buffers.
+   */
+  writeSegments(fd: number, buffers: Buffer[], segments: Float64Array, count: number): number;
+  /** Bytes of an XXH64 state buffer (allocate with Buffer.alloc: it must be 8-aligned). */
+  readonly xxh64StateBytes: number;
+  xxh64Reset(state: Buffer): void;
+  xxh64Update(state: Buffer, data: Uint8Array): void;
+  /** The low 32 bits of XXH64 (seed 0) of what was fed since the reset. */
+  xxh64Low(state: Buffer): number;
+}
+
+let loaded: NativeModule | null | undefined;
+let whyNot = '';
+
+/** The native module, or null when it is not built or QEMU_SNAP_NATIVE=0. */
+export function native(): NativeModule | null {
+  if (loaded !== undefined) return loaded;
+  if (process.env.QEMU_SNAP_NATIVE === '0') {
+    whyNot = 'QEMU_SNAP_NATIVE=0';
+    return (loaded = null);
+  }
+  // dist/src/util/native.js → build/Release at the package root.
+  const file = path.join(__dirname, '..', '..', '..', 'build', 'Release', 'qemu_snap_native.node');
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    loaded = require(file) as NativeModule;
+  } catch (err) {
+    whyNot = (err as Error).message.split('\n')[0];
+    loaded = null;
+  }
+  return loaded;
+}
+
+/** Why native() is null ('' when it is not). */
+export function nativeUnavailableReason(): string {
+  native();
+  return whyNot;
+}
