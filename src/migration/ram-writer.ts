@@ -18,6 +18,19 @@ export function ramBlockName(id: string): RamBlockName {
   return { id, idBytes };
 }
 
+/**
+ * Takes gathered output and is done with it when it returns: `count`
+ * triples (index into `buffers`, offset, length) in `segments`, `bytes` in
+ * all. Buffer 0 is the writer's own (headers); the others are page data it
+ * was lent.
+ */
+export type SegmentSink = (buffers: Buffer[], segments: Float64Array, count: number, bytes: number) => void;
+
+/** Segments per gathered write: two per page (header, data). */
+const MAX_SEGMENTS = 1024;
+/** The native writeSegments takes at most 16 buffers, the writer's own among them. */
+const MAX_BUFFERS = 16;
+
 export class RamRecordWriter {
   private out: Buffer;
   private pos = 0;
@@ -25,6 +38,14 @@ export class RamRecordWriter {
   private inSection = false;
   /** Bytes of RAM records in the open section. */
   sectionBytes = 0;
+  // Gather mode: pages stay where the caller has them and go out by
+  // reference, next to the headers in `out`.
+  private readonly segments: Float64Array | null;
+  private segmentCount = 0;
+  private segmentBytes = 0;
+  private readonly buffers: Buffer[] = [];
+  /** Start of the bytes in `out` that no segment covers yet. */
+  private segmentFrom = 0;
 
   /**
    * @param sectionId the ram section's id from the leader's START section
@@ -33,6 +54,11 @@ export class RamRecordWriter {
    * @param lend emit() is done with a chunk when it returns (a synchronous
    *   write): the writer fills the same buffer again. A fresh 1 MiB buffer
    *   per chunk costs page faults (~0.1 s per GiB of stream) and cache misses.
+   * @param gather when set, pages are not copied: flush() hands the sink the
+   *   headers and the callers' page data as segments, and the caller must
+   *   flush() before it reuses data it passed to page(). With a gathering
+   *   write (writev) this saves the copy of every page; `emit` then only
+   *   gets raw() data too large to buffer. Implies `lend`.
    */
   constructor(
     private readonly sectionId: number,
@@ -40,8 +66,14 @@ export class RamRecordWriter {
     private readonly emit: (chunk: Buffer) => void,
     private readonly chunkSize = 1 << 20,
     private readonly lend = false,
+    private readonly gather: SegmentSink | null = null,
   ) {
     this.out = Buffer.allocUnsafe(chunkSize);
+    this.segments = gather ? new Float64Array(3 * MAX_SEGMENTS) : null;
+    if (gather) {
+      this.lend = true;
+      this.buffers.push(this.out);
+    }
   }
 
   beginSection(): void {
@@ -57,6 +89,12 @@ export class RamRecordWriter {
 
   /** PAGE record: header, idstr unless CONTINUE, then the page from `data` at `dataOffset`. */
   page(block: RamBlockName, address: number, data: Buffer, dataOffset: number): void {
+    if (this.segments) {
+      const headerLen = this.recordHeader(block, address, RamFlag.PAGE, 0);
+      this.borrow(data, dataOffset, this.pageSize);
+      this.sectionBytes += headerLen + this.pageSize;
+      return;
+    }
     const headerLen = this.recordHeader(block, address, RamFlag.PAGE, this.pageSize);
     data.copy(this.out, this.pos, dataOffset, dataOffset + this.pageSize);
     this.pos += this.pageSize;
@@ -99,6 +137,10 @@ export class RamRecordWriter {
 
   /** Emits what is buffered. */
   flush(): void {
+    if (this.gather) {
+      this.flushSegments(this.gather);
+      return;
+    }
     if (this.pos === 0) return;
     const chunk = this.out.subarray(0, this.pos);
     if (!this.lend) this.out = Buffer.allocUnsafe(this.chunkSize);
@@ -114,6 +156,51 @@ export class RamRecordWriter {
     this.pos = writeRamRecordHeader(this.out, this.pos, address, flags, idstr);
     this.lastBlock = block;
     return len;
+  }
+
+  /** Gather mode: `length` bytes of `data` from `offset` go out next, by reference. */
+  private borrow(data: Buffer, offset: number, length: number): void {
+    const buffers = this.buffers;
+    let index = buffers.length - 1;
+    if (buffers[index] !== data) {
+      if (buffers.length === MAX_BUFFERS) this.flush();
+      index = buffers.push(data) - 1;
+    }
+    // Room for the header before this page, the page, and the bytes that
+    // follow it in `out` when flush() closes them into a last segment.
+    if (this.segmentCount + 3 > MAX_SEGMENTS) {
+      this.flush();
+      index = buffers.push(data) - 1;
+    }
+    this.closeOutSegment();
+    this.addSegment(index, offset, length);
+  }
+
+  /** Gather mode: the bytes written into `out` since the last segment become one. */
+  private closeOutSegment(): void {
+    if (this.pos > this.segmentFrom) this.addSegment(0, this.segmentFrom, this.pos - this.segmentFrom);
+    this.segmentFrom = this.pos;
+  }
+
+  private addSegment(buffer: number, offset: number, length: number): void {
+    const s = this.segments as Float64Array;
+    const k = this.segmentCount++ * 3;
+    s[k] = buffer;
+    s[k + 1] = offset;
+    s[k + 2] = length;
+    this.segmentBytes += length;
+  }
+
+  private flushSegments(sink: SegmentSink): void {
+    this.closeOutSegment();
+    const count = this.segmentCount;
+    const bytes = this.segmentBytes;
+    this.segmentCount = 0;
+    this.segmentBytes = 0;
+    this.pos = 0;
+    this.segmentFrom = 0;
+    if (count > 0) sink(this.buffers, this.segments as Float64Array, count, bytes);
+    this.buffers.length = 1;
   }
 
   private reserve(n: number): void {

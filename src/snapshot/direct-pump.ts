@@ -4,16 +4,20 @@
 // synchronously. Against OrderedBlockReader's asynchronous reads this saves
 // two thread hand-overs per read (expensive on few CPUs), a fresh buffer per
 // read (page faults) and the stream machinery; with the data in the page
-// cache a pread costs less than the hand-overs it replaces.
+// cache a pread costs less than the hand-overs it replaces. Where the source
+// can map the range (Qcow2Image.viewSync), the encoder gets the file's pages
+// themselves and not even the pread's copy is made.
 import type { BlockRead, ReadPlanEntry } from '../blockio';
 import { InvalidBlockReadError } from '../blockio';
 import { wrapReadError } from '../blockio/errors';
 
-/** Where the pump reads: Qcow2Image has both. */
+/** Where the pump reads: Qcow2Image has all of it. */
 export interface SyncReadSource {
   /** Reads now, or returns false when only the asynchronous path can (see Qcow2Image.readIntoSync). */
   readIntoSync(offset: number, length: number, out: Buffer, outOffset?: number): boolean;
   readInto(offset: number, length: number, out: Buffer, outOffset?: number): Promise<void>;
+  /** The range's bytes in place (mapped), or null: then it is read (see Qcow2Image.viewSync). */
+  viewSync?(offset: number, length: number): Buffer | null;
 }
 
 export interface DirectPumpOptions {
@@ -78,7 +82,7 @@ export class DirectLoadPump {
         read.data = null;
         work += e.length * this.holeWeight;
       } else {
-        read.data = await this.readEntry(e);
+        read.data = this.viewEntry(e) ?? (await this.readEntry(e));
         work += e.length;
       }
       this.encode(read);
@@ -89,6 +93,15 @@ export class DirectLoadPump {
       }
     }
     if (this.error) throw this.error;
+  }
+
+  private viewEntry(e: ReadPlanEntry): Buffer | null {
+    if (!this.source.viewSync) return null;
+    try {
+      return this.source.viewSync(e.offset, e.length);
+    } catch (err) {
+      throw wrapReadError(err, e.offset, e.length);
+    }
   }
 
   private async readEntry(e: ReadPlanEntry): Promise<Buffer> {

@@ -7,7 +7,7 @@
 // pages) and prompt flushing of demand-paged ranges.
 import { Transform } from 'streamx';
 import type { BlockRead } from '../blockio';
-import { RamRecordWriter, RamBlockName, ramBlockName } from '../migration/ram-writer';
+import { RamRecordWriter, RamBlockName, SegmentSink, ramBlockName } from '../migration/ram-writer';
 import { unsentRanges, DiscardRange } from '../migration/postcopy';
 import type { RamBlockLayout } from './layout';
 
@@ -43,6 +43,12 @@ export interface LoadEncoderOptions {
    * readable side carries nothing.
    */
   sink?: (chunk: Buffer) => void;
+  /**
+   * With `sink`: pages go out by reference in gathered writes, flushed at
+   * the end of every encode(), instead of being copied into the output
+   * buffer (see RamRecordWriter).
+   */
+  gather?: SegmentSink;
 }
 
 interface BlockState {
@@ -59,6 +65,7 @@ export class LoadEncoder extends Transform {
   private readonly pageSize: number;
   private readonly zeroPage: Buffer;
   private started = false;
+  private readonly gathering: boolean;
   dataPagesSent = 0;
   zeroPagesSent = 0;
   bytesOut = 0;
@@ -79,7 +86,15 @@ export class LoadEncoder extends Transform {
       this.bytesOut += chunk.length;
       emit(chunk);
     };
-    this.writer = new RamRecordWriter(opts.ramSectionId, opts.pageSize, onChunk, 1 << 20, sink !== undefined);
+    const gather = sink && opts.gather ? opts.gather : null;
+    const onSegments: SegmentSink | null = gather
+      ? (buffers, segments, count, bytes) => {
+          this.bytesOut += bytes;
+          gather(buffers, segments, count, bytes);
+        }
+      : null;
+    this.writer = new RamRecordWriter(opts.ramSectionId, opts.pageSize, onChunk, 1 << 20, sink !== undefined, onSegments);
+    this.gathering = gather !== null;
     this.blocks = opts.blocks.map((layout) => {
       const pages = Math.ceil(layout.length / opts.pageSize);
       return { layout, name: ramBlockName(layout.id), sent: new Uint8Array(Math.ceil(pages / 8)), pages };
@@ -142,6 +157,9 @@ export class LoadEncoder extends Transform {
     if (this.writer.sectionBytes >= SECTION_LIMIT) this.writer.endSection();
     if (read.urgent || this.opts.flushEachRange?.()) {
       this.writer.endSection();
+      this.writer.flush();
+    } else if (this.gathering) {
+      // The read's data is the caller's again when encode() returns.
       this.writer.flush();
     }
     if (read.urgent) this.opts.onUrgentSent?.(read);

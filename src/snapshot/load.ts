@@ -216,6 +216,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   }
   const encoder: LoadEncoder = new LoadEncoder({
     sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
+    gather: direct?.segmentWriter ?? undefined,
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,

@@ -7,6 +7,7 @@
 import * as fs from 'node:fs';
 import { Writable } from 'streamx';
 import { QemuSnapError } from '../errors';
+import { native } from './native';
 
 export class FdWriteError extends QemuSnapError {
   constructor(readonly fd: number, readonly code: string, detail: string) {
@@ -57,6 +58,24 @@ export class FdWriter extends Writable {
       at += n;
       this.bytesWritten += n;
     }
+  }
+
+  /**
+   * Gathered writeSync (the native module's writeSegments): the pieces
+   * `segments` describes, whole, now. Null when the native module is not
+   * built: use writeSync.
+   */
+  get segmentWriter(): ((buffers: Buffer[], segments: Float64Array, count: number) => void) | null {
+    const mod = native();
+    if (!mod) return null;
+    return (buffers, segments, count) => {
+      try {
+        this.bytesWritten += mod.writeSegments(this.fd, buffers, segments, count);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+        throw new FdWriteError(this.fd, code, (err as Error).message);
+      }
+    };
   }
 
   constructor(readonly fd: number) {

@@ -197,4 +197,60 @@ test('a lent record buffer is reused and the bytes match a writer that gives its
   assert.ok(given.buffers.size > 1);
 });
 
+test('a gathering writer lends out the pages and its segments make the same bytes as copying', () => {
+  const name = ramBlockName('pc.ram');
+  const acpi = ramBlockName('/rom@etc/acpi/tables');
+  // 20 distinct data buffers (more than the 16 one gathered write takes)
+  // and 1200 pages (more than its 1024 segments).
+  const datas = Array.from({ length: 20 }, (_, i) => randomBytes(60 * PS, 100 + i));
+  const big = randomBytes(3 << 20, 99);
+  const script = (w: RamRecordWriter): void => {
+    w.raw(Buffer.from([1, 2, 3]));
+    for (let p = 0; p < 1200; p++) {
+      w.beginSection();
+      const data = datas[Math.floor(p / 60)];
+      if (p % 9 === 0) w.zero(name, p * PS);
+      else w.page(p % 50 === 7 ? acpi : name, p * PS, data, (p % 60) * PS);
+      if (p % 300 === 299) w.endSection();
+      if (p === 600) w.raw(big); // larger than the record buffer
+    }
+    w.endRam();
+    w.flush();
+  };
+  const copied: Buffer[] = [];
+  script(new RamRecordWriter(2, PS, (chunk) => copied.push(Buffer.from(chunk)), 64 << 10, false));
+  const gathered: Buffer[] = [];
+  let batches = 0;
+  let lentPages = 0;
+  let sumBytes = 0;
+  const own = new Set<Buffer>();
+  script(
+    new RamRecordWriter(2, PS, (chunk) => gathered.push(Buffer.from(chunk)), 64 << 10, false, (buffers, segs, count, bytes) => {
+      batches++;
+      assert.ok(count <= 1024 && buffers.length <= 16, `${count} segments over ${buffers.length} buffers`);
+      own.add(buffers[0]);
+      let n = 0;
+      for (let i = 0; i < count; i++) {
+        const [b, off, len] = [segs[i * 3], segs[i * 3 + 1], segs[i * 3 + 2]];
+        if (b !== 0) {
+          assert.ok(datas.includes(buffers[b]), 'page data by reference');
+          lentPages++;
+        }
+        gathered.push(Buffer.from(buffers[b].subarray(off, off + len)));
+        n += len;
+      }
+      assert.is(n, bytes);
+      sumBytes += bytes;
+    }),
+  );
+  const a = Buffer.concat(copied);
+  const b = Buffer.concat(gathered);
+  assert.is(b.length, a.length);
+  assert.ok(b.equals(a), 'same stream');
+  assert.is(lentPages, 1200 - 134, 'every data page lent, none copied');
+  assert.ok(batches > 2, `${batches} gathered writes`);
+  assert.is(sumBytes, a.length - big.length, 'the large raw write went to emit()');
+  assert.is(own.size, 1, 'one header buffer, reused');
+});
+
 test.run();

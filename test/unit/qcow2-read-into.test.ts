@@ -1,11 +1,14 @@
 // readInto / readIntoSync: the same bytes as read(), placed at the caller's
 // offset, nothing outside the range touched; readIntoSync declines what only
 // the asynchronous path can do (compressed clusters, tables not in memory).
+// viewSync: mapped views equal read() where it gives one, and it declines
+// holes, compressed clusters and writable images.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { writeFileSync } from 'fs';
 import { Qcow2Image, Qcow2Error } from '../../src/image';
 import { mustRun, prng, randInt, tempDir } from './qcow2-helpers';
+import { native } from '../../src/util/native';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -100,6 +103,53 @@ test('readInto and readIntoSync refuse a range that does not fit the buffer or t
     assert.throws(() => img.readIntoSync(4 * MiB - 10, 20, out), /outside the virtual disk/);
   } finally {
     await img.close();
+  }
+});
+
+test('viewSync: views of contiguous data equal read(), across mapping windows; holes and text-only ranges are declined', async () => {
+  assert.ok(native(), 'views need the native module');
+  // 40 MiB of data (more than two 16 MiB windows), then a 1 MiB hole.
+  const rand = prng(23);
+  const want = Buffer.alloc(48 * MiB);
+  rand(40 * MiB).copy(want, 0);
+  const raw = tmp.file('view.raw');
+  writeFileSync(raw, want);
+  const file = tmp.file('view.qcow2');
+  mustRun('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=64k', raw, file]);
+  const img = await Qcow2Image.open(file);
+  try {
+    const r = prng(29);
+    let views = 0;
+    for (let i = 0; i < 60; i++) {
+      // Backwards and forwards: the window moves both ways.
+      const len = 1 + randInt(r, 2 * MiB);
+      const off = randInt(r, 40 * MiB - len);
+      const v = img.viewSync(off, len);
+      if (v === null) continue;
+      views++;
+      assert.is(v.length, len);
+      assert.ok(v.equals(want.subarray(off, off + len)), `view of ${len} at ${off}`);
+    }
+    assert.ok(views > 50, `${views} of 60 ranges mapped (qemu-img writes data clusters in order)`);
+    const across = img.viewSync(16 * MiB - 5000, 10_000);
+    assert.ok(across && across.equals(want.subarray(16 * MiB - 5000, 16 * MiB + 5000)), 'a range across a window boundary');
+    assert.is(img.viewSync(40 * MiB - 4096, 8192), null, 'data then a hole');
+    assert.is(img.viewSync(41 * MiB, 4096), null, 'a hole');
+    assert.throws(() => img.viewSync(48 * MiB - 10, 20), /outside the virtual disk/);
+  } finally {
+    await img.close();
+  }
+  const writable = await Qcow2Image.open(file, { writable: true });
+  try {
+    assert.is(writable.viewSync(0, 4096), null, 'a writable image is never mapped (it may grow under the view)');
+  } finally {
+    await writable.close();
+  }
+  const compressed = await Qcow2Image.open(image('view-comp', true));
+  try {
+    assert.is(compressed.viewSync(2 * MiB, 4096), null, 'compressed');
+  } finally {
+    await compressed.close();
   }
 });
 
