@@ -241,6 +241,16 @@ class Bench {
   /** 4: restore time, migrate-incoming → completed, for exec:qemu-snap load vs exec:cat; loadvm. */
   async qemuRestore(): Promise<void> {
     const res = { cat: [] as number[], snap: [] as number[], loadvm: [] as number[] };
+    if (!fs.existsSync(this.savevmDisk)) {
+      // `--only qemu-restore`: loadvm needs the snapshot QEMU save's savevm runs leave.
+      createQcow2(this.savevmDisk, `${this.cfg.memMiB}M`);
+      const src = await this.source(true);
+      try {
+        await savevmTiming(src, 'bench');
+      } finally {
+        await src.stop();
+      }
+    }
     for (let i = 0; i < this.cfg.runs; i++) {
       res.snap.push(await this.incoming(`exec:${snapCmd(`load ${q(this.image)}`, this.statsFile)}`));
       this.loadRss = Math.max(this.loadRss, this.stats().maxRssKiB);
