@@ -11,12 +11,18 @@ import * as zlib from 'node:zlib';
 import type { IHasher } from 'hash-wasm';
 import { native, NativeModule } from '../util/native';
 
-// hash-wasm's per-algorithm build (9 KB) rather than its main bundle of
-// every algorithm (280 KB, ~7 ms of start-up to parse).
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const { createXXHash64 } = require('hash-wasm/dist/xxhash64.umd.min.js') as {
-  createXXHash64(seedLow?: number, seedHigh?: number): Promise<IHasher>;
-};
+type CreateXXHash64 = (seedLow?: number, seedHigh?: number) => Promise<IHasher>;
+
+/**
+ * hash-wasm's per-algorithm build (9 KB) rather than its main bundle of
+ * every algorithm (280 KB, ~7 ms of start-up to parse), and only when the
+ * native module is not there to hash.
+ */
+function createXXHash64(): Promise<IHasher> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const mod = require('hash-wasm/dist/xxhash64.umd.min.js') as { createXXHash64: CreateXXHash64 };
+  return mod.createXXHash64(0, 0);
+}
 
 export type DigestAlgorithm = 'crc32' | 'xxh64';
 
@@ -133,5 +139,5 @@ class NativeXxh64Hasher extends BaseHasher {
 export async function createChunkHasher(algorithm: DigestAlgorithm, useNative = true): Promise<ChunkHasher> {
   if (algorithm === 'crc32') return new Crc32Hasher();
   const mod = useNative ? native() : null;
-  return mod ? new NativeXxh64Hasher(mod) : new Xxh64Hasher(await createXXHash64(0, 0));
+  return mod ? new NativeXxh64Hasher(mod) : new Xxh64Hasher(await createXXHash64());
 }
