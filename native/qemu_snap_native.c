@@ -143,6 +143,53 @@ static napi_value drop_pages(napi_env env, napi_callback_info info) {
 
 #define MAX_IOV 1024
 
+// Reads the buffers and the segment triples of a segments call. Returns 0
+// and throws on bad arguments.
+typedef struct {
+  uint8_t *bases[16];
+  size_t lens[16];
+  uint32_t nbufs;
+  const double *seg;
+  int64_t count;
+} Segments;
+
+static int get_segments(napi_env env, napi_value buffers, napi_value segments, napi_value count, Segments *out) {
+  if (!get_i64(env, count, &out->count) || napi_get_array_length(env, buffers, &out->nbufs) != napi_ok) {
+    napi_throw_error(env, "EINVAL", "segments: bad arguments");
+    return 0;
+  }
+  if (out->nbufs > 16) {
+    throw_errno(env, "segments: more than 16 buffers", EINVAL);
+    return 0;
+  }
+  for (uint32_t i = 0; i < out->nbufs; i++) {
+    napi_value b;
+    void *d;
+    if (napi_get_element(env, buffers, i, &b) != napi_ok || napi_get_buffer_info(env, b, &d, &out->lens[i]) != napi_ok) {
+      napi_throw_error(env, "EINVAL", "segments: a buffer is not a Buffer");
+      return 0;
+    }
+    out->bases[i] = d;
+  }
+  napi_typedarray_type type;
+  size_t n;
+  void *data;
+  if (napi_get_typedarray_info(env, segments, &type, &n, &data, NULL, NULL) != napi_ok || type != napi_float64_array ||
+      out->count < 0 || (size_t)out->count * 3 > n) {
+    throw_errno(env, "segments: not a Float64Array of count triples", EINVAL);
+    return 0;
+  }
+  out->seg = data;
+  for (int64_t i = 0; i < out->count; i++) {
+    const double *s = out->seg + i * 3;
+    if (!(s[0] >= 0 && s[0] < out->nbufs && s[1] >= 0 && s[2] >= 0 && s[1] + s[2] <= (double)out->lens[(uint32_t)s[0]])) {
+      throw_errno(env, "segments: segment out of range", EINVAL);
+      return 0;
+    }
+  }
+  return 1;
+}
+
 // writeSegments(fd, buffers, segments, count) -> bytes written.
 // segments is a Float64Array of (buffer index, offset, length) triples.
 // Writes all of them, in order, blocking until done (waits in poll(2) when
@@ -151,38 +198,19 @@ static napi_value write_segments(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int64_t fd, count;
-  if (argc < 4 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[3], &count)) CHECK(napi_invalid_arg);
-  uint32_t nbufs;
-  CHECK(napi_get_array_length(env, argv[1], &nbufs));
-  if (nbufs > 16) return throw_errno(env, "writeSegments: more than 16 buffers", EINVAL);
-  uint8_t *bases[16];
-  size_t lens[16];
-  for (uint32_t i = 0; i < nbufs; i++) {
-    napi_value b;
-    CHECK(napi_get_element(env, argv[1], i, &b));
-    void *d;
-    CHECK(napi_get_buffer_info(env, b, &d, &lens[i]));
-    bases[i] = d;
-  }
-  napi_typedarray_type type;
-  size_t n;
-  void *segdata;
-  CHECK(napi_get_typedarray_info(env, argv[2], &type, &n, &segdata, NULL, NULL));
-  if (type != napi_float64_array || count < 0 || (size_t)count * 3 > n) return throw_errno(env, "writeSegments: segments", EINVAL);
-  const double *seg = segdata;
+  int64_t fd;
+  if (argc < 4 || !get_i64(env, argv[0], &fd)) CHECK(napi_invalid_arg);
+  Segments sg;
+  if (!get_segments(env, argv[1], argv[2], argv[3], &sg)) return NULL;
   struct iovec iov[MAX_IOV];
   int64_t total = 0;
   int64_t i = 0;
-  while (i < count) {
+  while (i < sg.count) {
     int k = 0;
-    for (; k < MAX_IOV && i + k < count; k++) {
-      const double *s = seg + (i + k) * 3;
-      uint32_t b = (uint32_t)s[0];
-      size_t off = (size_t)s[1], len = (size_t)s[2];
-      if (b >= nbufs || off > lens[b] || len > lens[b] - off) return throw_errno(env, "writeSegments: segment out of range", EINVAL);
-      iov[k].iov_base = bases[b] + off;
-      iov[k].iov_len = len;
+    for (; k < MAX_IOV && i + k < sg.count; k++) {
+      const double *s = sg.seg + (i + k) * 3;
+      iov[k].iov_base = sg.bases[(uint32_t)s[0]] + (size_t)s[1];
+      iov[k].iov_len = (size_t)s[2];
     }
     // Write these k pieces whole, resuming after partial writes.
     struct iovec *v = iov;
@@ -213,6 +241,74 @@ static napi_value write_segments(napi_env env, napi_callback_info info) {
   }
   napi_value out;
   CHECK(napi_create_int64(env, total, &out));
+  return out;
+}
+
+// pwriteSegments(fd, position, buffers, segments, count, skip, length) ->
+// bytes written: `length` bytes of what the segments describe, from `skip`
+// bytes into it, at file offset `position` (pwritev, resumed after short
+// writes).
+static napi_value pwrite_segments(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd, position, skip, length;
+  if (argc < 7 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &position) || !get_i64(env, argv[5], &skip) ||
+      !get_i64(env, argv[6], &length))
+    CHECK(napi_invalid_arg);
+  Segments sg;
+  if (!get_segments(env, argv[2], argv[3], argv[4], &sg)) return NULL;
+  if (position < 0 || skip < 0 || length < 0) return throw_errno(env, "pwriteSegments", EINVAL);
+  struct iovec iov[MAX_IOV];
+  int64_t i = 0;
+  // Find the first segment holding byte `skip`.
+  while (i < sg.count && skip >= (int64_t)sg.seg[i * 3 + 2]) {
+    skip -= (int64_t)sg.seg[i * 3 + 2];
+    i++;
+  }
+  int64_t left = length, written = 0;
+  while (left > 0) {
+    int k = 0;
+    int64_t batch = 0;
+    for (; k < MAX_IOV && i < sg.count && batch < left; i++) {
+      const double *s = sg.seg + i * 3;
+      size_t off = (size_t)s[1] + (size_t)skip;
+      size_t avail = (size_t)s[2] - (size_t)skip;
+      skip = 0;
+      if (avail == 0) continue;
+      size_t len = (int64_t)avail > left - batch ? (size_t)(left - batch) : avail;
+      iov[k].iov_base = sg.bases[(uint32_t)s[0]] + off;
+      iov[k].iov_len = len;
+      batch += (int64_t)len;
+      k++;
+      // Cut short by `length`: this is the last piece (and i stays on it).
+      if (len < avail) break;
+    }
+    if (batch == 0) return throw_errno(env, "pwriteSegments: the segments hold fewer bytes than asked", EINVAL);
+    struct iovec *v = iov;
+    int n = k;
+    while (n > 0) {
+      ssize_t w = pwritev((int)fd, v, n, (off_t)(position + written));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return throw_errno(env, "pwrite", errno);
+      }
+      if (w == 0) return throw_errno(env, "pwrite", EIO);
+      written += w;
+      while (n > 0 && (size_t)w >= v->iov_len) {
+        w -= (ssize_t)v->iov_len;
+        v++;
+        n--;
+      }
+      if (n > 0) {
+        v->iov_base = (uint8_t *)v->iov_base + w;
+        v->iov_len -= (size_t)w;
+      }
+    }
+    left -= batch;
+  }
+  napi_value out;
+  CHECK(napi_create_int64(env, written, &out));
   return out;
 }
 
@@ -354,6 +450,23 @@ static napi_value xxh64_update(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// xxh64UpdateSegments(state, buffers, segments, count): the bytes the
+// segments describe, in order.
+static napi_value xxh64_update_segments(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  XxhState *s = argc >= 4 ? state_arg(env, argv[0]) : NULL;
+  if (!s) CHECK(napi_invalid_arg);
+  Segments sg;
+  if (!get_segments(env, argv[1], argv[2], argv[3], &sg)) return NULL;
+  for (int64_t i = 0; i < sg.count; i++) {
+    const double *g = sg.seg + i * 3;
+    xxh_update(s, sg.bases[(uint32_t)g[0]] + (size_t)g[1], (size_t)g[2]);
+  }
+  return NULL;
+}
+
 // xxh64Low(state) -> the low 32 bits of the digest, unsigned
 static napi_value xxh64_low(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -375,6 +488,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"xxh64Reset", NULL, xxh64_reset, NULL, NULL, NULL, napi_default, NULL},
       {"xxh64Update", NULL, xxh64_update, NULL, NULL, NULL, napi_default, NULL},
       {"xxh64Low", NULL, xxh64_low, NULL, NULL, NULL, napi_default, NULL},
+      {"xxh64UpdateSegments", NULL, xxh64_update_segments, NULL, NULL, NULL, napi_default, NULL},
+      {"pwriteSegments", NULL, pwrite_segments, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   napi_value n;

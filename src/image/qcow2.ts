@@ -360,6 +360,91 @@ export class Qcow2Image {
     return this.track(this.writeAt(offset, buffers, length));
   }
 
+  /**
+   * write() now, on this thread, of `length` bytes that `segments`
+   * describes: `count` triples (index into `buffers`, offset, length), as
+   * the native module's pwriteSegments takes them. The caller may reuse the
+   * buffers when it returns: no copy of them is made, and no thread hop.
+   * Returns false, having changed nothing, when only write() can do it: no
+   * native module, an L2 table of the range not in memory, or copy-on-write
+   * running or needed in the range.
+   */
+  writeSegmentsSync(offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number): boolean {
+    this.checkWritable();
+    this.checkGuestRange('write', offset, length);
+    if (length === 0) return true;
+    const mod = native();
+    if (!mod || this.cow.size !== 0) return false;
+    const cs = this.clusterSize;
+    const l2Span = cs * this.l2Entries;
+    const end = offset + length;
+    const lastL1 = Math.floor((end - 1) / l2Span);
+    // Every cluster must be writable in place or by allocation (planWrite's
+    // first three cases); decided before anything changes.
+    for (let pos = offset; pos < end; ) {
+      const gci = Math.floor(pos / cs);
+      const inCluster = pos - gci * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      pos += n;
+      const l1i = Math.floor(gci / this.l2Entries);
+      if (l1i >= this.l1Size || this.l2Offset(l1i) === 0) continue; // a new table
+      const table = this.l2Cache.get(l1i);
+      if (!table) return false;
+      const j = gci - l1i * this.l2Entries;
+      const hi = table.readUInt32BE(j * 8);
+      const lo = table.readUInt32BE(j * 8 + 4);
+      if ((lo & 1) !== 0 || n === cs) continue;
+      if ((hi & FLAG_COMPRESSED) !== 0) return false;
+      const host = this.standardOffset(hi, lo, l1i, j);
+      if (host !== 0 && (hi & FLAG_COPIED) === 0) return false;
+    }
+    if (lastL1 >= this.l1Size) this.growL1(lastL1);
+    let runHost = -1;
+    let runLen = 0;
+    let runSkip = 0;
+    const endRun = (): void => {
+      if (runLen === 0) return;
+      try {
+        mod.pwriteSegments(this.fh.fd, runHost, buffers, segments, count, runSkip, runLen);
+      } catch (err) {
+        throw new Qcow2Error(this.path, `write of ${runLen} bytes failed: ${(err as Error).message}`, runHost);
+      }
+      runLen = 0;
+    };
+    for (let pos = offset; pos < end; ) {
+      const gci = Math.floor(pos / cs);
+      const inCluster = pos - gci * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const l1i = Math.floor(gci / this.l2Entries);
+      const j = gci - l1i * this.l2Entries;
+      const table = this.tableForWrite(l1i);
+      const hi = table.readUInt32BE(j * 8);
+      const lo = table.readUInt32BE(j * 8 + 4);
+      const compressed = (hi & FLAG_COMPRESSED) !== 0;
+      const host = compressed ? 0 : this.standardOffset(hi, lo, l1i, j);
+      let target: number;
+      if (!compressed && host !== 0 && (lo & 1) === 0 && (hi & FLAG_COPIED) !== 0) {
+        target = host;
+      } else {
+        // Unallocated, a zero cluster or wholly overwritten: a fresh cluster.
+        target = this.refs.allocate(1);
+        this.releaseEntry(hi, lo, host);
+        this.setL2(table, j, target);
+        this.l2Dirty.add(l1i);
+      }
+      const dest = target + inCluster;
+      if (runLen === 0 || runHost + runLen !== dest) {
+        endRun();
+        runHost = dest;
+        runSkip = pos - offset;
+      }
+      runLen += n;
+      pos += n;
+    }
+    endRun();
+    return true;
+  }
+
   readVmState(offset: number, length: number): Promise<Buffer> {
     this.checkVmStateRange('read', offset, length);
     return this.track(this.readAt(this.vmStateOffset + offset, length, Buffer.allocUnsafe(length), 0));

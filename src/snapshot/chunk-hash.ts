@@ -31,6 +31,8 @@ export interface ChunkHasher {
   readonly algorithm: DigestAlgorithm;
   begin(): void;
   update(data: Uint8Array): void;
+  /** update() with the bytes `count` segments describe (see NativeModule.writeSegments); only where the hasher can. */
+  updateSegments?(buffers: Buffer[], segments: Float64Array, count: number): void;
   /** `n` zero bytes (a hole reads as zeros). */
   zeros(n: number): void;
   /** The digest of what was fed since begin(), as an unsigned 32-bit number. */
@@ -128,6 +130,10 @@ class NativeXxh64Hasher extends BaseHasher {
 
   update(data: Uint8Array): void {
     this.mod.xxh64Update(this.state, data);
+  }
+
+  updateSegments(buffers: Buffer[], segments: Float64Array, count: number): void {
+    this.mod.xxh64UpdateSegments(this.state, buffers, segments, count);
   }
 
   end(): number {

@@ -58,13 +58,41 @@ export class ChunkTracker {
     }
   }
 
+  /** Whether writeSegments() can take this write: the hasher digests segments and the write stays in one chunk (the save's runs do). */
+  acceptsSegments(offset: number, length: number): boolean {
+    const rel = offset % this.chunkSize;
+    return this.hasher.updateSegments !== undefined && rel + length <= this.chunkSize;
+  }
+
+  /** write() for a write described by segments (see Qcow2Image.writeSegmentsSync); acceptsSegments() must be true. */
+  writeSegments(offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number): void {
+    const c = Math.floor(offset / this.chunkSize);
+    const rel = offset - c * this.chunkSize;
+    const update = this.hasher.updateSegments;
+    if (!update || rel + length > this.chunkSize) throw new RangeError(`segments write of ${length} bytes at ${offset} needs write()`);
+    if (!this.begin(c, rel)) return;
+    update.call(this.hasher, buffers, segments, count);
+    this.covered = rel + length;
+  }
+
   private extend(c: number, rel: number, piece: Buffer): void {
+    if (!this.begin(c, rel)) return;
+    this.hasher.update(piece);
+    this.covered = rel + piece.length;
+  }
+
+  /**
+   * Makes chunk `c` the open one, ready for bytes at `rel`, with zeros fed
+   * for any gap. False when the chunk cannot be digested from its writes
+   * (it is dirty now): the caller feeds nothing.
+   */
+  private begin(c: number, rel: number): boolean {
     if (c !== this.open) {
       this.closeOpen();
       const st = this.state[c];
       if (st !== UNTOUCHED) {
         this.state[c] = DIRTY;
-        return;
+        return false;
       }
       this.state[c] = OPEN;
       this.open = c;
@@ -75,11 +103,10 @@ export class ChunkTracker {
       // Behind what the digest already holds: the hasher state is useless now.
       this.state[c] = DIRTY;
       this.open = -1;
-      return;
+      return false;
     }
     if (rel > this.covered) this.hasher.zeros(rel - this.covered);
-    this.hasher.update(piece);
-    this.covered = rel + piece.length;
+    return true;
   }
 
   /** Finishes the open chunk's digest: zeros up to its end. */

@@ -21,6 +21,7 @@ import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './lay
 import { DIGEST_CHUNK_SIZE, encodeDigestTable, SAVE_DIGEST_ALGORITHM } from './digests';
 import { ChunkTracker } from './chunk-tracker';
 import { createChunkHasher } from './chunk-hash';
+import { native } from '../util/native';
 import * as zlib from 'node:zlib';
 
 export class SaveTargetError extends QemuSnapError {}
@@ -121,6 +122,22 @@ class ImageBlockTarget implements BlockWriteTarget {
     );
   }
 
+  /**
+   * A RAM run written now from the input's own buffers (SnapshotWriter's
+   * gather mode): no copy into a run buffer and no thread hop per write,
+   * ~0.27 CPU-s per GiB on the bench VM. False when the image or the
+   * digests need the queued path.
+   */
+  writeSegmentsSync(offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number): boolean {
+    const image = this.image;
+    if (!image || offset + length > image.vmStateOffset) return false;
+    if (this.tracker && !this.tracker.acceptsSegments(offset, length)) return false;
+    if (!image.writeSegmentsSync(offset, length, buffers, segments, count)) return false;
+    this.tracker?.writeSegments(offset, length, buffers, segments, count);
+    this.writeback(image, length);
+    return true;
+  }
+
   writev(offset: number, buffers: Buffer[]): Promise<void> {
     const image = this.image;
     if (!image) return Promise.reject(new SaveTargetError('block write before the image exists'));
@@ -151,8 +168,12 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
   const hasher = opts.digests === false ? null : await createChunkHasher(SAVE_DIGEST_ALGORITHM);
   let returnPathOpen = false;
+  // Runs are written straight from the input chunks when the native module
+  // can (pwritev, and XXH64 over the same pieces).
+  const gather = native() !== null && (hasher === null || hasher.updateSegments !== undefined);
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
+    gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
       const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
       creating = created.catch(() => null);

@@ -33,7 +33,25 @@ export interface SnapshotWriterOptions {
    * never cross a multiple of it, so each lies in one digest chunk.
    */
   maxRunBytes?: number;
+  /**
+   * Takes each run now, as segments over the caller's buffers (the input
+   * chunks), instead of a copy pushed as a BlockWrite: it must be done with
+   * the buffers when it returns. Returns false when it cannot (the run is
+   * then copied and pushed, and so is every later one).
+   */
+  gather?: RunSink;
 }
+
+/**
+ * A run of pages at disk `offset`, `length` bytes: `count` triples (index
+ * into `buffers`, offset, length) in `segments`, as the native module's
+ * pwriteSegments takes them.
+ */
+export type RunSink = (offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number) => boolean;
+
+/** A gathered run's limits: one segment per page, and the buffers the native call takes. */
+const MAX_RUN_SEGMENTS = 1024;
+const MAX_RUN_BUFFERS = 16;
 
 /** What the writer learnt from the stream, for the STVM header and `info`. */
 export interface SnapshotSummary {
@@ -85,12 +103,23 @@ export class SnapshotWriter extends Transform {
   private readonly maxRunBytes: number;
   private readonly pool: RunBufferPool;
   private fillPage: Buffer | null = null;
+  // Gather mode: the run is a list of segments over the input chunks.
+  private gather: RunSink | null;
+  private runOpen = false;
+  private readonly segments = new Float64Array(3 * MAX_RUN_SEGMENTS);
+  private segmentCount = 0;
+  private readonly segmentBuffers: Buffer[] = [];
+  private zeroPage: Buffer | null = null;
+  /** Stream offset of the record being stored, and of the one that opened the gathered run. */
+  private recordOffset = 0;
+  private runStreamOffset = 0;
 
   /**
    * Every stream byte before this offset has been dealt with and nothing
-   * here refers to it any more (RAM records are copied; the leader is kept
-   * as one copy): the input chunks holding only such bytes may be reused.
-   * It stops at the device state, whose chunks are written as they are.
+   * here refers to it any more (RAM records are copied, or written before
+   * their run is let go; the leader is kept as one copy): the input chunks
+   * holding only such bytes may be reused. It stops at the device state,
+   * whose chunks are written as they are.
    */
   releasedBefore = 0;
 
@@ -111,6 +140,7 @@ export class SnapshotWriter extends Transform {
       throw new RangeError(`maxRunBytes must be a power of two of at least 64 KiB, got ${this.maxRunBytes}`);
     }
     this.pool = new RunBufferPool(this.maxRunBytes);
+    this.gather = opts.gather ?? null;
   }
 
   /**
@@ -146,10 +176,13 @@ export class SnapshotWriter extends Transform {
     try {
       switch (rec.type) {
         case 'ram-page-run':
+          this.recordOffset = rec.offset;
           this.storeRun(rec);
-          if (this.phase === 'ram') this.releasedBefore = rec.offset;
+          // A gathered run still open refers to the input from where it began.
+          if (this.phase === 'ram') this.releasedBefore = this.runOpen ? Math.min(rec.offset, this.runStreamOffset) : rec.offset;
           return cb(null);
         case 'ram-page':
+          this.recordOffset = rec.offset;
           this.pageRecords++;
           this.storePage(rec.block.index, rec.address, rec.data, 0);
           return cb(null);
@@ -312,9 +345,7 @@ export class SnapshotWriter extends Transform {
       st.dataBits[byte] |= bit;
       this.dataPages++;
     }
-    const run = this.runFor(st.layout.offset + address);
-    src.copy(run, this.runLength, start, start + this.pageSize);
-    this.endPage();
+    this.putPage(st.layout.offset + address, src, start);
   }
 
   private storeZero(blockIndex: number, address: number): void {
@@ -327,8 +358,16 @@ export class SnapshotWriter extends Transform {
     if ((st.dataBits[byte] & bit) === 0) return;
     st.dataBits[byte] &= ~bit;
     this.dataPages--;
-    const run = this.runFor(st.layout.offset + address);
-    run.fill(0, this.runLength, this.runLength + this.pageSize);
+    if (this.zeroPage === null || this.zeroPage.length !== this.pageSize) this.zeroPage = Buffer.alloc(this.pageSize);
+    this.putPage(st.layout.offset + address, this.zeroPage, 0);
+  }
+
+  /** The page at `diskOffset` is `pageSize` bytes of `src` from `start`: into the run. */
+  private putPage(diskOffset: number, src: Buffer, start: number): void {
+    // False when the sink gave up on the run before this page: copy it.
+    if (this.gather && this.gatherPage(diskOffset, src, start)) return;
+    const run = this.runFor(diskOffset);
+    src.copy(run, this.runLength, start, start + this.pageSize);
     this.endPage();
   }
 
@@ -354,12 +393,62 @@ export class SnapshotWriter extends Transform {
     if ((this.runOffset + this.runLength) % this.maxRunBytes === 0) this.flushRun();
   }
 
+  /** Gather mode: the page goes into the run as a segment; false (nothing done) if the sink gave up on the run before it. */
+  private gatherPage(diskOffset: number, src: Buffer, start: number): boolean {
+    if (this.runOpen && diskOffset !== this.runOffset + this.runLength) this.flushRun();
+    let index = this.segmentBuffers.length - 1;
+    if (this.runOpen && (this.segmentCount === MAX_RUN_SEGMENTS || (this.segmentBuffers[index] !== src && index + 1 === MAX_RUN_BUFFERS))) {
+      this.flushRun();
+    }
+    if (!this.gather) return false;
+    if (!this.runOpen) {
+      this.runOpen = true;
+      this.runStreamOffset = this.recordOffset;
+      this.runOffset = diskOffset;
+      this.runLength = 0;
+      this.segmentCount = 0;
+      this.segmentBuffers.length = 0;
+      index = -1;
+    }
+    if (index < 0 || this.segmentBuffers[index] !== src) index = this.segmentBuffers.push(src) - 1;
+    const k = this.segmentCount++ * 3;
+    this.segments[k] = index;
+    this.segments[k + 1] = start;
+    this.segments[k + 2] = this.pageSize;
+    this.endPage();
+    return true;
+  }
+
   private flushRun(): void {
+    if (this.runOpen) return this.flushGatheredRun();
     const run = this.run;
     if (run === null) return;
     this.run = null;
     if (this.runLength === 0) return this.pool.release(run);
     this.push({ offset: this.runOffset, length: this.runLength, buffers: [run.subarray(0, this.runLength)] });
     this.runLength = 0;
+  }
+
+  private flushGatheredRun(): void {
+    this.runOpen = false;
+    const length = this.runLength;
+    const buffers = this.segmentBuffers;
+    this.runLength = 0;
+    if (length === 0) return;
+    if (this.gather?.(this.runOffset, length, buffers, this.segments, this.segmentCount)) {
+      buffers.length = 0;
+      return;
+    }
+    // The sink cannot take it: copy this run, and go on copying (a later
+    // run written now could overtake this one, still queued).
+    this.gather = null;
+    const copy = this.pool.take();
+    let at = 0;
+    for (let i = 0; i < this.segmentCount; i++) {
+      const k = i * 3;
+      at += buffers[this.segments[k]].copy(copy, at, this.segments[k + 1], this.segments[k + 1] + this.segments[k + 2]);
+    }
+    buffers.length = 0;
+    this.push({ offset: this.runOffset, length, buffers: [copy.subarray(0, length)] });
   }
 }

@@ -17,10 +17,18 @@ export interface NativeModule {
    * Returns the bytes written. At most 16 buffers.
    */
   writeSegments(fd: number, buffers: Buffer[], segments: Float64Array, count: number): number;
+  /**
+   * pwritev(2) of `length` bytes of what `count` segments describe, from
+   * `skip` bytes into them, at file offset `position`, resumed after short
+   * writes. Returns the bytes written.
+   */
+  pwriteSegments(fd: number, position: number, buffers: Buffer[], segments: Float64Array, count: number, skip: number, length: number): number;
   /** Bytes of an XXH64 state buffer (allocate with Buffer.alloc: it must be 8-aligned). */
   readonly xxh64StateBytes: number;
   xxh64Reset(state: Buffer): void;
   xxh64Update(state: Buffer, data: Uint8Array): void;
+  /** xxh64Update with the bytes `count` segments describe, in order. */
+  xxh64UpdateSegments(state: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void;
   /** The low 32 bits of XXH64 (seed 0) of what was fed since the reset. */
   xxh64Low(state: Buffer): number;
 }

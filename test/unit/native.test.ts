@@ -150,6 +150,41 @@ test('writeSegments reports a closed reader as EPIPE', () => {
   }
 });
 
+test('pwriteSegments writes any byte range of the segments at any file offset', () => {
+  const m = mod();
+  const buffers = [randomBytes(50_000, 11), randomBytes(9000, 12)];
+  const { segs, want } = randomSegments(buffers, 1500, 13);
+  const file = path.join(dir, 'pwrite.bin');
+  const fd = fs.openSync(file, 'w+');
+  try {
+    const r = prng(14);
+    const model = Buffer.alloc(want.length + 100_000);
+    for (let t = 0; t < 40; t++) {
+      const skip = Math.floor(r() * want.length);
+      const length = t === 0 ? want.length - skip : Math.floor(r() * (want.length - skip));
+      const position = Math.floor(r() * 100_000);
+      assert.is(m.pwriteSegments(fd, position, buffers, segs, 1500, skip, length), length);
+      want.copy(model, position, skip, skip + length);
+    }
+    const got = fs.readFileSync(file);
+    assert.ok(got.equals(model.subarray(0, got.length)), 'the file matches a model of the writes');
+    assert.throws(() => m.pwriteSegments(fd, 0, buffers, segs, 1500, want.length - 10, 11), /fewer bytes/);
+  } finally {
+    fs.closeSync(fd);
+  }
+});
+
+test('xxh64UpdateSegments digests the bytes the segments describe', async () => {
+  const m = mod();
+  const buffers = [randomBytes(40_000, 15), randomBytes(700, 16)];
+  const { segs, want } = randomSegments(buffers, 300, 17);
+  const st = Buffer.alloc(m.xxh64StateBytes);
+  m.xxh64Reset(st);
+  m.xxh64UpdateSegments(st, buffers, segs, 300);
+  const wasm = await createChunkHasher('xxh64', false);
+  assert.is(m.xxh64Low(st), wasm.whole(want));
+});
+
 test('mapFile shows the file as read(2) does, before and after its pages are dropped', () => {
   const m = mod();
   const file = path.join(dir, 'mapped.bin');

@@ -178,6 +178,44 @@ test('writev: one guest range from many buffers, across clusters', async () => {
   assert.ok(readRegion(toRaw(path, tmp.file('writev.raw')), at, all.length).equals(all));
 });
 
+test('writeSegmentsSync: the same image as write() for the same plan, and it declines what needs copy-on-write', async () => {
+  const cs = 64 * KiB;
+  const virtualSize = 48 * MiB + 512;
+  const writes = planWrites(virtualSize, cs, 99);
+  const viaSegments = tmp.file('segments.qcow2');
+  const img = await Qcow2Image.create(viaSegments, { virtualSize, clusterSize: cs });
+  for (const { offset, data } of writes) {
+    // Cut each write into segments over two buffers, the way the save describes its runs.
+    const cut = Math.floor(data.length / 3);
+    const buffers = [data.subarray(0, cut), data.subarray(cut)];
+    const segs = new Float64Array([0, 0, cut, 1, 0, data.length - cut - 1, 1, data.length - cut - 1, 1]);
+    assert.ok(img.writeSegmentsSync(offset, data.length, buffers, segs, 3), `write of ${data.length} at ${offset}`);
+  }
+  await img.close();
+  assertClean(viaSegments);
+  compareWithModel(toRaw(viaSegments, tmp.file('segments.raw')), virtualSize, writes);
+
+  // A compressed cluster partly overwritten needs copy-on-write: declined, nothing changed.
+  const raw = tmp.file('comp.raw');
+  const text = Buffer.alloc(4 * cs, 'text ');
+  require('node:fs').writeFileSync(raw, text);
+  const comp = tmp.file('comp.qcow2');
+  run('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cs}`, raw, comp]);
+  const c = await Qcow2Image.open(comp, { writable: true });
+  try {
+    const one = Buffer.alloc(100, 7);
+    assert.is(c.writeSegmentsSync(cs + 10, 100, [one], new Float64Array([0, 0, 100]), 1), false);
+    assert.ok((await c.read(cs, cs)).equals(text.subarray(cs, 2 * cs)), 'untouched');
+    // A whole compressed cluster is simply replaced.
+    const whole = Buffer.alloc(cs, 9);
+    assert.ok(c.writeSegmentsSync(2 * cs, cs, [whole], new Float64Array([0, 0, cs]), 1));
+    assert.ok((await c.read(2 * cs, cs)).equals(whole));
+  } finally {
+    await c.close();
+  }
+  assertClean(comp);
+});
+
 test('reopened writable after close: overwrite, extend, more VM state', async () => {
   const path = tmp.file('reopen.qcow2');
   const cs = 512 * KiB;

@@ -21,6 +21,8 @@ import { verifySnapshot } from '../../src/snapshot/verify';
 import { MigrationFramer } from '../../src/migration/framer';
 import type { MigrationRecord } from '../../src/migration/records';
 import { pumpAsync } from '../../src/util/pump';
+import { SnapshotWriter } from '../../src/snapshot/snapshot-writer';
+import type { BlockWrite } from '../../src/blockio';
 
 const PS = 4096;
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-snapshot-'));
@@ -193,6 +195,60 @@ test('input chunks handed back for reuse are really free: scribbling over them c
     await snap.image.close();
   }
   await verifySnapshot(image);
+});
+
+test('gathered runs (segments over the input) put the same bytes on disk as copied runs, and a sink that gives up mid-way hands the rest to the copying path', async () => {
+  const { stream, want } = runsStream(6);
+  const VM_STATE = 64 << 20;
+  /** Runs the writer over the stream in 3000-byte chunks (pages straddle them); returns the disk it wrote. */
+  const run = async (gather: 'off' | 'on' | 'gives-up'): Promise<{ disk: Buffer; gathered: number; pushed: number }> => {
+    const disk = Buffer.alloc(VM_STATE);
+    let gathered = 0;
+    let pushed = 0;
+    let calls = 0;
+    const writer = new SnapshotWriter({
+      prepareImage: async () => VM_STATE,
+      gather:
+        gather === 'off'
+          ? undefined
+          : (offset, length, buffers, segs, count) => {
+              if (gather === 'gives-up' && ++calls === 3) return false;
+              let at = offset;
+              for (let i = 0; i < count; i++) {
+                const [b, off, len] = [segs[i * 3], segs[i * 3 + 1], segs[i * 3 + 2]];
+                at += buffers[b].copy(disk, at, off, off + len);
+              }
+              assert.is(at - offset, length);
+              gathered++;
+              return true;
+            },
+    });
+    const sink = new Writable({
+      write(w: unknown, cb: (e: Error | null) => void) {
+        const bw = w as BlockWrite;
+        if (bw.offset < VM_STATE) {
+          pushed++;
+          let at = bw.offset;
+          for (const b of bw.buffers) at += b.copy(disk, at);
+        }
+        writer.writeDone(bw);
+        cb(null);
+      },
+    });
+    await pumpAsync(nodeStream(stream, 3000) as unknown as Readable, new MigrationFramer({ pageRuns: true }), writer, sink);
+    return { disk, gathered, pushed };
+  };
+  const copied = await run('off');
+  assert.ok(copied.disk.subarray(0, want.length).equals(want), 'copied runs');
+  assert.is(copied.gathered, 0);
+  const gathered = await run('on');
+  assert.ok(gathered.gathered > 6, `${gathered.gathered} gathered runs`);
+  assert.is(gathered.pushed, 0, 'no RAM pushed while the sink takes runs');
+  assert.ok(gathered.disk.equals(copied.disk), 'gathered runs');
+  const gaveUp = await run('gives-up');
+  assert.is(gaveUp.gathered, 2, 'the sink took two runs');
+  assert.ok(gaveUp.pushed > 0, 'the rest went the copying way');
+  assert.ok(gaveUp.disk.equals(copied.disk), 'no run lost or doubled on the way');
 });
 
 test('an image with version 1 (CRC-32) digests still verifies and loads, and damage to it is still caught', async () => {
