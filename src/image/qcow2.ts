@@ -393,10 +393,8 @@ export class Qcow2Image {
       const j = gci - l1i * this.l2Entries;
       const hi = table.readUInt32BE(j * 8);
       const lo = table.readUInt32BE(j * 8 + 4);
-      if ((lo & 1) !== 0 || n === cs) continue;
-      if ((hi & FLAG_COMPRESSED) !== 0) return false;
-      const host = this.standardOffset(hi, lo, l1i, j);
-      if (host !== 0 && (hi & FLAG_COPIED) === 0) return false;
+      const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
+      if (this.needsCopyOnWrite(hi, lo, host, inCluster, n)) return false;
     }
     if (lastL1 >= this.l1Size) this.growL1(lastL1);
     let runHost = -1;
@@ -420,19 +418,8 @@ export class Qcow2Image {
       const table = this.tableForWrite(l1i);
       const hi = table.readUInt32BE(j * 8);
       const lo = table.readUInt32BE(j * 8 + 4);
-      const compressed = (hi & FLAG_COMPRESSED) !== 0;
-      const host = compressed ? 0 : this.standardOffset(hi, lo, l1i, j);
-      let target: number;
-      if (!compressed && host !== 0 && (lo & 1) === 0 && (hi & FLAG_COPIED) !== 0) {
-        target = host;
-      } else {
-        // Unallocated, a zero cluster or wholly overwritten: a fresh cluster.
-        target = this.refs.allocate(1);
-        this.releaseEntry(hi, lo, host);
-        this.setL2(table, j, target);
-        this.l2Dirty.add(l1i);
-      }
-      const dest = target + inCluster;
+      const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
+      const dest = this.writeTarget(table, l1i, j, hi, lo, host) + inCluster;
       if (runLen === 0 || runHost + runLen !== dest) {
         endRun();
         runHost = dest;
@@ -976,23 +963,8 @@ export class Qcow2Image {
       const table = this.tableForWrite(l1i);
       const hi = table.readUInt32BE(j * 8);
       const lo = table.readUInt32BE(j * 8 + 4);
-      const compressed = (hi & FLAG_COMPRESSED) !== 0;
-      const host = compressed ? 0 : this.standardOffset(hi, lo, l1i, j);
-      let target: number;
-      if (!compressed && host !== 0 && (lo & 1) === 0 && (hi & FLAG_COPIED) !== 0) {
-        target = host;
-      } else if (!compressed && host === 0 && (lo & 1) === 0) {
-        target = this.refs.allocate(1);
-        this.setL2(table, j, target);
-        this.l2Dirty.add(l1i);
-      } else if ((lo & 1) !== 0 || (inCluster === 0 && n === cs)) {
-        // Zero cluster or fully overwritten: a fresh cluster is a hole, zeros already.
-        target = this.refs.allocate(1);
-        this.releaseEntry(hi, lo, host);
-        this.setL2(table, j, target);
-        this.l2Dirty.add(l1i);
-      } else {
-        // Partial write over compressed or shared data: copy the old content first.
+      const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
+      if (this.needsCopyOnWrite(hi, lo, host, inCluster, n)) {
         endRun();
         const slices: Buffer[] = [];
         cursor.take(n, slices);
@@ -1000,7 +972,7 @@ export class Qcow2Image {
         pos += n;
         continue;
       }
-      const dest = target + inCluster;
+      const dest = this.writeTarget(table, l1i, j, hi, lo, host) + inCluster;
       if (runLen === 0 || runHost + runLen !== dest) {
         endRun();
         runHost = dest;
@@ -1011,6 +983,28 @@ export class Qcow2Image {
     }
     endRun();
     return tasks;
+  }
+
+  /**
+   * Whether a write of `n` bytes at `inCluster` into the cluster of this L2
+   * entry must copy the old content first: a partial write over compressed
+   * or shared (not COPIED) data. Anything else goes in place or to a fresh
+   * cluster (writeTarget).
+   */
+  private needsCopyOnWrite(hi: number, lo: number, host: number, inCluster: number, n: number): boolean {
+    if ((lo & 1) !== 0 || (inCluster === 0 && n === this.clusterSize)) return false;
+    if ((hi & FLAG_COMPRESSED) !== 0) return true;
+    return host !== 0 && (hi & FLAG_COPIED) === 0;
+  }
+
+  /** The host cluster a write goes to when it needs no copy-on-write: in place, or a fresh cluster (a hole, zeros already) that the entry now names. */
+  private writeTarget(table: Buffer, l1i: number, j: number, hi: number, lo: number, host: number): number {
+    if ((hi & FLAG_COMPRESSED) === 0 && host !== 0 && (lo & 1) === 0 && (hi & FLAG_COPIED) !== 0) return host;
+    const target = this.refs.allocate(1);
+    this.releaseEntry(hi, lo, host);
+    this.setL2(table, j, target);
+    this.l2Dirty.add(l1i);
+    return target;
   }
 
   private tableForWrite(l1i: number): Buffer {
