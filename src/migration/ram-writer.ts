@@ -58,7 +58,8 @@ export class RamRecordWriter {
    *   headers and the callers' page data as segments, and the caller must
    *   flush() before it reuses data it passed to page(). With a gathering
    *   write (writev) this saves the copy of every page; `emit` then only
-   *   gets raw() data too large to buffer. Implies `lend`.
+   *   gets raw() data too large to buffer, and `lend` plays no part (the
+   *   sink is done with `out` when it returns).
    */
   constructor(
     private readonly sectionId: number,
@@ -70,10 +71,7 @@ export class RamRecordWriter {
   ) {
     this.out = Buffer.allocUnsafe(chunkSize);
     this.segments = gather ? new Float64Array(3 * MAX_SEGMENTS) : null;
-    if (gather) {
-      this.lend = true;
-      this.buffers.push(this.out);
-    }
+    if (gather) this.buffers.push(this.out);
   }
 
   beginSection(): void {

@@ -66,12 +66,11 @@ export class ChunkTracker {
 
   /** write() for a write described by segments (see Qcow2Image.writeSegmentsSync); acceptsSegments() must be true. */
   writeSegments(offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number): void {
+    if (!this.acceptsSegments(offset, length)) throw new RangeError(`segments write of ${length} bytes at ${offset} needs write()`);
     const c = Math.floor(offset / this.chunkSize);
     const rel = offset - c * this.chunkSize;
-    const update = this.hasher.updateSegments;
-    if (!update || rel + length > this.chunkSize) throw new RangeError(`segments write of ${length} bytes at ${offset} needs write()`);
     if (!this.begin(c, rel)) return;
-    update.call(this.hasher, buffers, segments, count);
+    this.hasher.updateSegments?.(buffers, segments, count);
     this.covered = rel + length;
   }
 

@@ -13,6 +13,11 @@ export class FdWriteError extends QemuSnapError {
   constructor(readonly fd: number, readonly code: string, detail: string) {
     super(code === 'EPIPE' ? `fd ${fd}: the reader closed the pipe (EPIPE)` : `fd ${fd}: ${detail}`);
   }
+
+  /** From a failed write's error (Node's or the native module's: both carry the errno name as `code`). */
+  static of(fd: number, err: unknown): FdWriteError {
+    return new FdWriteError(fd, (err as NodeJS.ErrnoException).code ?? 'EIO', (err as Error).message);
+  }
 }
 
 /** True when `fd` is a pipe (FIFO). */
@@ -47,13 +52,12 @@ export class FdWriter extends Writable {
       try {
         n = fs.writeSync(this.fd, data, at, data.length - at);
       } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
         // A non-blocking pipe that is full: wait for the reader.
-        if (code === 'EAGAIN') {
+        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
           nap();
           continue;
         }
-        throw new FdWriteError(this.fd, code, (err as Error).message);
+        throw FdWriteError.of(this.fd, err);
       }
       at += n;
       this.bytesWritten += n;
@@ -72,8 +76,7 @@ export class FdWriter extends Writable {
       try {
         this.bytesWritten += mod.writeSegments(this.fd, buffers, segments, count);
       } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
-        throw new FdWriteError(this.fd, code, (err as Error).message);
+        throw FdWriteError.of(this.fd, err);
       }
     };
   }
@@ -91,7 +94,7 @@ export class FdWriter extends Writable {
       if (err) {
         // A non-blocking pipe that is full: try again shortly.
         if (err.code === 'EAGAIN') return void setTimeout(() => this.writeAll(bufs, cb), 1);
-        return cb(new FdWriteError(this.fd, err.code ?? 'EIO', err.message));
+        return cb(FdWriteError.of(this.fd, err));
       }
       this.bytesWritten += n;
       // Partial write: drop what went out and write the rest.
