@@ -18,7 +18,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';
 import minimist from 'minimist';
-import { startVm, makePattern, shellQuote } from '../test/e2e/lib';
+import { startVm, makePattern, shellQuote, QEMU_IMG } from '../test/e2e/lib';
 import { CLI } from '../test/e2e/common';
 import { parseRecords } from '../src/snapshot/snapshot-image';
 import type { MigrationRecord } from '../src/migration/records';
@@ -258,7 +258,7 @@ export function badFailure(r: RunResult): string | null {
 
 export function qemuImgCheck(image: string): string | null {
   try {
-    const out = execFileSync('qemu-img', ['check', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = execFileSync(QEMU_IMG, ['check', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
     return /No errors were found/.test(out) && !/leaked/.test(out) ? null : `qemu-img check: ${out.trim().split('\n').join(' | ')}`;
   } catch (err) {
     const e = err as { stdout?: string; message: string };

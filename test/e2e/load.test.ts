@@ -5,7 +5,7 @@ import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { startVm, makePattern, requireQemu, shellQuote, Machine } from './lib';
+import { startVm, makePattern, requireQemu, shellQuote, Machine, QEMU_IMG } from './lib';
 import { runCli, snapExec, tempDir, isOneLineError, memoryDifference } from './common';
 
 const MEM_MIB = 512;
@@ -115,7 +115,7 @@ test('bad images: exit 1, one line, nothing on stdout', async () => {
   const notQcow = path.join(dir, 'not.qcow2');
   fs.writeFileSync(notQcow, Buffer.alloc(4096, 0x41));
   const plain = path.join(dir, 'plain.qcow2');
-  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', plain, '64M']);
+  execFileSync(QEMU_IMG, ['create', '-q', '-f', 'qcow2', plain, '64M']);
   const missing = path.join(dir, 'missing.qcow2');
   for (const img of [notQcow, plain, missing]) {
     const r = await runCli(['load', img]);

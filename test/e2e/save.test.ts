@@ -6,7 +6,7 @@ import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { startVm, makePattern, requireQemu, shellQuote, Machine, Vm } from './lib';
+import { startVm, makePattern, requireQemu, shellQuote, Machine, QEMU_IMG, Vm } from './lib';
 import { runCli, snapExec, tempDir, isOneLineError } from './common';
 
 const MEM_MIB = 512;
@@ -45,7 +45,7 @@ async function saveVm(machine: Machine, paused: boolean, caps?: Record<string, b
 }
 
 function qemuImgCheck(image: string): void {
-  const out = execFileSync('qemu-img', ['check', image], { encoding: 'utf8' });
+  const out = execFileSync(QEMU_IMG, ['check', image], { encoding: 'utf8' });
   assert.match(out, /No errors were found/);
   assert.not.match(out, /leaked/);
 }
@@ -53,7 +53,7 @@ function qemuImgCheck(image: string): void {
 /** Reads [offset, offset+length) of the image's virtual disk through qemu-img (QEMU's view). */
 function readThroughQemu(image: string, offset: number, length: number): Buffer {
   const raw = path.join(dir, 'convert.raw');
-  execFileSync('qemu-img', ['convert', '-O', 'raw', image, raw]);
+  execFileSync(QEMU_IMG, ['convert', '-O', 'raw', image, raw]);
   try {
     const fd = fs.openSync(raw, 'r');
     const b = Buffer.alloc(length);

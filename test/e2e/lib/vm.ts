@@ -6,6 +6,8 @@ import { QemuSnapError } from '../../../src/errors';
 import { Qmp, QmpTimeoutError, sleep } from './qmp';
 
 export const QEMU_BINARY = process.env.QEMU_SNAP_QEMU ?? 'qemu-system-x86_64';
+/** qemu-img of the same QEMU generation as QEMU_BINARY (scripts/install-qemu.sh sets both for 10.0). */
+export const QEMU_IMG = process.env.QEMU_SNAP_QEMU_IMG ?? 'qemu-img';
 
 export type Machine = 'pc' | 'q35';
 export type Accel = 'kvm' | 'tcg';
@@ -384,7 +386,7 @@ export function loadvmTiming(vm: Vm, tag: string): Promise<number> {
 
 /** Create a qcow2 image with qemu-img (for savevm/loadvm and as a scratch disk). */
 export function createQcow2(file: string, size: string): void {
-  const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, size], { encoding: 'utf8' });
+  const r = spawnSync(QEMU_IMG, ['create', '-q', '-f', 'qcow2', file, size], { encoding: 'utf8' });
   if (r.error || r.status !== 0) throw new QemuProcessError('qemu-img', `create ${file}: ${r.error?.message ?? r.stderr.trim()}`);
 }
 
