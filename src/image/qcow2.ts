@@ -15,6 +15,11 @@ export interface Qcow2CreateOptions {
   clusterSize?: number;
   /** 1..64, a power of two; default 16. */
   refcountBits?: number;
+  /**
+   * An empty file, open read-write, to build the image in (an unnamed
+   * O_TMPFILE one): `path` then only names it in messages. Closed with the image.
+   */
+  file?: FileHandle;
 }
 
 export interface Qcow2OpenOptions {
@@ -195,7 +200,7 @@ export class Qcow2Image {
     const l1Size = Math.ceil(virtualSize / (clusterSize * (clusterSize / 8)));
     if (l1Size > MAX_L1_ENTRIES) throw new Qcow2Error(path, `virtual size ${virtualSize} is too large for ${clusterSize}-byte clusters`);
 
-    const fh = await openFile(path, 'w+');
+    const fh = opts.file ?? (await openFile(path, 'w+'));
     try {
       const refs = RefcountManager.createFresh(path, clusterSize, Math.log2(refcountBits));
       const l1Clusters = Math.ceil((l1Size * 8) / clusterSize);
