@@ -11,7 +11,8 @@ import { UsageError, parseSize } from '../src/util/size';
 import { ProgressLine } from '../src/util/progress';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
-import { FdWriter, isPipe } from '../src/util/fd-writer';
+import { FdWriter, isPipe, makeNonBlocking } from '../src/util/fd-writer';
+import { native } from '../src/util/native';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
 
@@ -122,13 +123,46 @@ function onePositional(args: minimist.ParsedArgs, what: string): string {
   return rest[0];
 }
 
+/**
+ * How long cleanup may take after SIGINT/SIGTERM before the process ends
+ * anyway: the promise is an exit within 1 s, whatever the work was blocked in.
+ */
+const INTERRUPT_GRACE_MS = 700;
+/** Set once the one line on stderr has been written. */
+let reported = false;
+
 /** SIGINT/SIGTERM/SIGPIPE abort the work: cleanup runs, then exit 1. */
-function abortOnSignals(): AbortController {
+function abortOnSignals(what: string): AbortController {
   const ac = new AbortController();
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGPIPE', 'SIGHUP'] as const) {
-    process.on(sig, () => ac.abort(sig));
+    process.on(sig, () => {
+      if (ac.signal.aborted) return;
+      ac.abort(sig);
+      // Cleanup that does not finish in time (a peer that never answers)
+      // must not keep the process: say what happened and go.
+      setTimeout(() => {
+        if (!reported) writeErrorLine(`qemu-snap: ${what} interrupted (${sig})`);
+        hardExit(1);
+      }, INTERRUPT_GRACE_MS).unref();
+    });
   }
   return ac;
+}
+
+function writeErrorLine(line: string): void {
+  reported = true;
+  process.stderr.write(`${line}\n`);
+}
+
+/**
+ * Exit now, without joining threads: a worker or a pool thread blocked in a
+ * system call (an idle or full pipe) would otherwise hold process.exit.
+ * Node's own exit without the native module.
+ */
+function hardExit(code: number): void {
+  const mod = native();
+  if (mod) mod.exitNow(code);
+  process.exit(code);
 }
 
 async function cmdSave(argv: string[]): Promise<void> {
@@ -162,7 +196,7 @@ async function cmdSave(argv: string[]): Promise<void> {
       ? (new FdReader(0, { pipeSize }) as unknown as NodeJS.ReadableStream)
       : process.stdin;
   const progress = new ProgressLine(common.progress);
-  const ac = abortOnSignals();
+  const ac = abortOnSignals('save');
   try {
     const { saveSnapshot } = await import('../src/snapshot/save');
     const r = await saveSnapshot(input, image, {
@@ -181,6 +215,8 @@ async function cmdSave(argv: string[]): Promise<void> {
     }
   } catch (err) {
     progress.clear();
+    // The reader thread may be blocked on an idle pipe: end it, or the exit waits for the writer.
+    if (input instanceof FdReader) input.destroy();
     throw err;
   }
 }
@@ -205,9 +241,13 @@ async function cmdLoad(argv: string[]): Promise<void> {
   }
   const outputPath = oneString(args.output, '--output');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
-  if (outputPath === undefined && isPipe(1)) enlargePipe(1);
+  if (outputPath === undefined && isPipe(1)) {
+    enlargePipe(1);
+    // Written synchronously: a full pipe must give EAGAIN, not a sleep no signal ends.
+    makeNonBlocking(1);
+  }
   const progress = new ProgressLine(common.progress);
-  const ac = abortOnSignals();
+  const ac = abortOnSignals('load');
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
     const r = await loadSnapshot(image, {
@@ -288,6 +328,7 @@ function oneLine(message: string): string {
 }
 
 function report(err: unknown): number {
+  reported = true;
   if (err instanceof UsageError) {
     process.stderr.write(`qemu-snap: ${oneLine(err.message)}\n${'try: qemu-snap --help'}\n`);
     return 2;
@@ -334,7 +375,9 @@ function flushAndExit(code: number): void {
     const line = { ...stats, code, ms: Math.round(performance.now() - startedAt), maxRssKiB: peakRssKiB() };
     process.stderr.write(`qemu-snap-stats: ${JSON.stringify(line)}\n`);
   }
-  const done = () => process.exit(code);
+  // After a failure nothing is owed to anyone: threads still blocked in a
+  // pipe must not hold the exit.
+  const done = () => (code === 0 ? process.exit(code) : hardExit(code));
   // Only a success owes the reader its last bytes: after a failure (an
   // interrupt while the reader stalls) waiting for a drain could be forever,
   // and a destroyed stdout never drains.

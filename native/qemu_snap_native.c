@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CHECK(call)                                                          \
@@ -49,6 +50,12 @@ static napi_value throw_errno(napi_env env, const char *what, int err) {
     case EFAULT: code = "EFAULT"; break;
     case ENODEV: code = "ENODEV"; break;
     case EBUSY: code = "EBUSY"; break;
+    case EEXIST: code = "EEXIST"; break;
+    case ENOENT: code = "ENOENT"; break;
+    case ENOTDIR: code = "ENOTDIR"; break;
+    case EXDEV: code = "EXDEV"; break;
+    case EOPNOTSUPP: code = "EOPNOTSUPP"; break;
+    case EROFS: code = "EROFS"; break;
   }
   napi_throw_error(env, code, msg);
   return NULL;
@@ -192,14 +199,31 @@ static int get_segments(napi_env env, napi_value buffers, napi_value segments, n
 
 // writeSegments(fd, buffers, segments, count) -> bytes written.
 // segments is a Float64Array of (buffer index, offset, length) triples.
-// Writes all of them, in order, blocking until done (waits in poll(2) when
-// the descriptor is non-blocking and full).
+// Writes them in order, waiting in poll(2) when the descriptor is
+// non-blocking and full. The optional fifth argument bounds that wait, in
+// milliseconds over the whole call (default: no bound): when it runs out the
+// call returns what it wrote so far, so that the caller's thread gets back
+// to its event loop (signals, an abort) while a reader stalls.
 static napi_value write_segments(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 5;
+  napi_value argv[5];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int64_t fd;
+  int64_t max_wait = -1;
   if (argc < 4 || !get_i64(env, argv[0], &fd)) CHECK(napi_invalid_arg);
+  if (argc >= 5) {
+    napi_valuetype t;
+    CHECK(napi_typeof(env, argv[4], &t));
+    if (t != napi_undefined && !get_i64(env, argv[4], &max_wait)) CHECK(napi_invalid_arg);
+  }
+  struct timespec deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  deadline.tv_sec += max_wait / 1000;
+  deadline.tv_nsec += (max_wait % 1000) * 1000000L;
+  if (deadline.tv_nsec >= 1000000000L) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000L;
+  }
   Segments sg;
   if (!get_segments(env, argv[1], argv[2], argv[3], &sg)) return NULL;
   struct iovec iov[MAX_IOV];
@@ -220,8 +244,16 @@ static napi_value write_segments(napi_env env, napi_callback_info info) {
       if (w < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) {
+          int timeout = -1;
+          if (max_wait >= 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            int64_t ms = (int64_t)(deadline.tv_sec - now.tv_sec) * 1000 + (deadline.tv_nsec - now.tv_nsec) / 1000000L;
+            if (ms <= 0) goto out;
+            timeout = (int)ms;
+          }
           struct pollfd p = {.fd = (int)fd, .events = POLLOUT};
-          poll(&p, 1, -1);
+          poll(&p, 1, timeout);
           continue;
         }
         return throw_errno(env, "write", errno);
@@ -239,9 +271,54 @@ static napi_value write_segments(napi_env env, napi_callback_info info) {
     }
     i += k;
   }
+out:;
   napi_value out;
   CHECK(napi_create_int64(env, total, &out));
   return out;
+}
+
+// setNonBlocking(fd): O_NONBLOCK on the descriptor's open file, so that a
+// write to a full pipe returns EAGAIN instead of sleeping where no signal
+// handler of ours can run (the kernel restarts the write after libuv's).
+static napi_value set_non_blocking(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd;
+  if (argc < 1 || !get_i64(env, argv[0], &fd)) CHECK(napi_invalid_arg);
+  int flags = fcntl((int)fd, F_GETFL);
+  if (flags < 0 || fcntl((int)fd, F_SETFL, flags | O_NONBLOCK) < 0) return throw_errno(env, "fcntl(F_SETFL, O_NONBLOCK)", errno);
+  return NULL;
+}
+
+// exitNow(code): _exit(2). process.exit joins Node's worker threads and
+// thread pool first, and a thread blocked in a system call (a read of an
+// idle pipe) would hold the process forever after an interrupt.
+static napi_value exit_now(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t code = 1;
+  if (argc >= 1) get_i64(env, argv[0], &code);
+  _exit((int)code);
+}
+
+// linkFd(fd, path): linkat(2) of an open file (an O_TMPFILE one) at `path`,
+// through /proc/self/fd with AT_SYMLINK_FOLLOW (linkat(fd, "", AT_EMPTY_PATH)
+// needs CAP_DAC_READ_SEARCH). Fails with EEXIST when `path` exists.
+static napi_value link_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd;
+  char target[4096];
+  size_t len;
+  if (argc < 2 || !get_i64(env, argv[0], &fd)) CHECK(napi_invalid_arg);
+  if (napi_get_value_string_utf8(env, argv[1], target, sizeof target, &len) != napi_ok || len >= sizeof target - 1) CHECK(napi_invalid_arg);
+  char proc[64];
+  snprintf(proc, sizeof proc, "/proc/self/fd/%d", (int)fd);
+  if (linkat(AT_FDCWD, proc, AT_FDCWD, target, AT_SYMLINK_FOLLOW) < 0) return throw_errno(env, "linkat", errno);
+  return NULL;
 }
 
 // pwriteSegments(fd, position, buffers, segments, count, skip, length) ->
@@ -490,6 +567,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"xxh64Low", NULL, xxh64_low, NULL, NULL, NULL, napi_default, NULL},
       {"xxh64UpdateSegments", NULL, xxh64_update_segments, NULL, NULL, NULL, napi_default, NULL},
       {"pwriteSegments", NULL, pwrite_segments, NULL, NULL, NULL, napi_default, NULL},
+      {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
+      {"exitNow", NULL, exit_now, NULL, NULL, NULL, napi_default, NULL},
+      {"linkFd", NULL, link_fd, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   napi_value n;

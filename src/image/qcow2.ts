@@ -15,6 +15,11 @@ export interface Qcow2CreateOptions {
   clusterSize?: number;
   /** 1..64, a power of two; default 16. */
   refcountBits?: number;
+  /**
+   * An empty file, open read-write, to build the image in (an unnamed
+   * O_TMPFILE one): `path` then only names it in messages. Closed with the image.
+   */
+  file?: FileHandle;
 }
 
 export interface Qcow2OpenOptions {
@@ -195,7 +200,7 @@ export class Qcow2Image {
     const l1Size = Math.ceil(virtualSize / (clusterSize * (clusterSize / 8)));
     if (l1Size > MAX_L1_ENTRIES) throw new Qcow2Error(path, `virtual size ${virtualSize} is too large for ${clusterSize}-byte clusters`);
 
-    const fh = await openFile(path, 'w+');
+    const fh = opts.file ?? (await openFile(path, 'w+'));
     try {
       const refs = RefcountManager.createFresh(path, clusterSize, Math.log2(refcountBits));
       const l1Clusters = Math.ceil((l1Size * 8) / clusterSize);
@@ -238,8 +243,9 @@ export class Qcow2Image {
         throw new Qcow2Error(path, `image has ${h.nbSnapshots} internal snapshot(s); writing to it is not supported`, 60);
       }
       const clusterSize = 2 ** h.clusterBits;
+      // Read-only: the refcount blocks are not loaded (allocatedBytes() counts them one at a time).
       const refs = await RefcountManager.load(
-        path, fh, fileSize, clusterSize, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters,
+        path, fh, fileSize, clusterSize, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, !writable,
       );
       const l1Clusters = Math.ceil((h.l1Size * 8) / clusterSize);
       const l1 = Buffer.alloc(l1Clusters * clusterSize);
@@ -507,7 +513,13 @@ export class Qcow2Image {
 
   /** Host bytes in use: every cluster with a non-zero refcount (data and metadata). */
   allocatedBytes(): number {
+    if (!this.writable) return this.refs.countUsedSync(this.fh.fd) * this.clusterSize;
     return this.refs.usedClusters * this.clusterSize;
+  }
+
+  /** The image file's size in bytes. */
+  get fileBytes(): number {
+    return this.fileSize;
   }
 
   async flush(opts: Qcow2FlushOptions = {}): Promise<void> {
@@ -737,8 +749,12 @@ export class Qcow2Image {
       let out: Buffer;
       try {
         // Sync flush: a stream may end exactly where the cluster is full, without an end marker.
-        out = await inflateRawAsync(input, { finishFlush: zlibConstants.Z_SYNC_FLUSH });
+        // At most one cluster: a small compressed cluster can claim gigabytes.
+        out = await inflateRawAsync(input, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: this.clusterSize });
       } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+          throw new Qcow2Error(this.path, `compressed cluster inflates to more than the cluster size (${this.clusterSize} bytes)`, coff);
+        }
         throw new Qcow2Error(this.path, `compressed cluster does not inflate: ${(err as Error).message}`, coff);
       }
       if (out.length < this.clusterSize) {

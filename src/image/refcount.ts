@@ -1,3 +1,4 @@
+import { readSync } from 'fs';
 import type { FileHandle } from 'fs/promises';
 import { Qcow2Error } from './errors';
 
@@ -144,10 +145,15 @@ export class RefcountManager {
     order: number,
     tableOffset: number,
     tableClusters: number,
+    readOnly = false,
   ): Promise<RefcountManager> {
     const table = Buffer.alloc(tableClusters * clusterSize);
     await readFully(fh, table, tableOffset);
     const m = new RefcountManager(path, clusterSize, order, tableOffset, tableClusters, table);
+    m.fileSize = fileSize;
+    // A reader needs no refcounts: a sparse file can name gigabytes of
+    // blocks that would all be read and held here for nothing.
+    if (readOnly) return m;
     const entries = table.length / 8;
     let highestUsed = -1;
     // Distinct blocks inside the file cost at most the file's size in memory;
@@ -178,6 +184,67 @@ export class RefcountManager {
     m.nextFree = Math.max(highestUsed + 1, Math.ceil(fileSize / clusterSize));
     return m;
   }
+
+  /**
+   * Clusters with a non-zero refcount, counted from the file one block at a
+   * time in a reused buffer (for a read-only open, which loads no blocks).
+   * Checks the table as load() does.
+   */
+  countUsedSync(fd: number): number {
+    if (this.counted !== null) return this.counted;
+    const entries = this.table.length / 8;
+    const offsets = new Float64Array(entries);
+    let n = 0;
+    for (let i = 0; i < entries; i++) {
+      const raw = this.table.readUInt32BE(i * 8) * 4294967296 + this.table.readUInt32BE(i * 8 + 4);
+      if (raw === 0) continue;
+      const off = readOffset(this.table, i);
+      if (off % this.clusterSize !== 0 || raw % 512 !== 0) {
+        throw new Qcow2Error(this.path, `refcount block ${i} offset 0x${raw.toString(16)} is not cluster aligned`, this.tableOffset + i * 8);
+      }
+      if (off >= this.fileSize) {
+        throw new Qcow2Error(this.path, `refcount block ${i} at 0x${off.toString(16)} lies outside the file (${this.fileSize} bytes)`, this.tableOffset + i * 8);
+      }
+      offsets[n++] = off;
+    }
+    // Each distinct block once: a table naming one block a million times must not cost a million reads.
+    const sorted = offsets.slice(0, n).sort();
+    for (let k = 1; k < n; k++) {
+      if (sorted[k] === sorted[k - 1]) {
+        const dup = sorted[k];
+        let first = -1;
+        for (let i = 0; i < entries; i++) {
+          if (this.table.readUInt32BE(i * 8 + 4) === 0 && this.table.readUInt32BE(i * 8) === 0) continue;
+          if (readOffset(this.table, i) !== dup) continue;
+          if (first < 0) first = i;
+          else throw new Qcow2Error(this.path, `refcount block ${i} at 0x${dup.toString(16)} is the same cluster as refcount block ${first}`, this.tableOffset + i * 8);
+        }
+      }
+    }
+    const block = Buffer.alloc(this.clusterSize);
+    let used = 0;
+    for (let i = 0; i < entries; i++) {
+      const raw = this.table.readUInt32BE(i * 8) * 4294967296 + this.table.readUInt32BE(i * 8 + 4);
+      if (raw === 0) continue;
+      const off = readOffset(this.table, i);
+      let done = 0;
+      while (done < block.length) {
+        const r = readSync(fd, block, done, block.length - done, off + done);
+        if (r === 0) {
+          block.fill(0, done);
+          break;
+        }
+        done += r;
+      }
+      used += countNonZero(block, this.order, this.perBlock)[0];
+    }
+    this.counted = used;
+    return used;
+  }
+
+  /** countUsedSync's result, once counted. */
+  private counted: number | null = null;
+  private fileSize = 0;
 
   get(cluster: number): number {
     const block = this.blocks.get(Math.floor(cluster / this.perBlock));

@@ -183,32 +183,40 @@ export function encodeListenPackage(deviceState: ReadonlyArray<Buffer>): Buffer[
   return encodePackaged([encodePostcopyListen(), ...deviceState, encodePostcopyRun()]);
 }
 
+/** A bitmap read a byte at a time (one allocated in slabs on demand). */
+export interface SparseBits {
+  readonly length: number;
+  byteAt(index: number): number;
+}
+
 /**
  * Byte ranges of pages NOT set in a per-page bitmap (bit i of byte i>>3, LSB
  * first = page i sent), merged: what to discard for one block.
  */
-export function unsentRanges(sent: Uint8Array, pageCount: number, pageSize: number): DiscardRange[] {
-  if (pageCount > sent.length * 8) throw new RangeError(`bitmap of ${sent.length} bytes is too short for ${pageCount} pages`);
+export function unsentRanges(bits: Uint8Array | SparseBits, pageCount: number, pageSize: number): DiscardRange[] {
+  if (pageCount > bits.length * 8) throw new RangeError(`bitmap of ${bits.length} bytes is too short for ${pageCount} pages`);
+  // Page numbers may pass 2^32 (16 TiB of 512-byte pages): no >>> on them.
+  const byteOf = bits instanceof Uint8Array ? (p: number) => bits[Math.floor(p / 8)] : (p: number) => bits.byteAt(Math.floor(p / 8));
   const out: DiscardRange[] = [];
   let i = 0;
   while (i < pageCount) {
-    const byte = sent[i >>> 3];
-    if (byte === 0xff && (i & 7) === 0) {
+    const byte = byteOf(i);
+    if (byte === 0xff && i % 8 === 0) {
       i += 8;
       continue;
     }
-    if ((byte >>> (i & 7)) & 1) {
+    if ((byte >>> i % 8) & 1) {
       i++;
       continue;
     }
     const first = i;
     while (i < pageCount) {
-      const b = sent[i >>> 3];
-      if (b === 0 && (i & 7) === 0 && i + 8 <= pageCount) {
+      const b = byteOf(i);
+      if (b === 0 && i % 8 === 0 && i + 8 <= pageCount) {
         i += 8;
         continue;
       }
-      if ((b >>> (i & 7)) & 1) break;
+      if ((b >>> i % 8) & 1) break;
       i++;
     }
     out.push({ start: first * pageSize, length: (i - first) * pageSize });

@@ -30,6 +30,12 @@ export interface DirectPumpOptions {
   yieldEvery?: number;
   /** What a hole weighs against yieldEvery per byte of it (its ZERO records are ~1/450 of its size). */
   holeWeight?: number;
+  /**
+   * Called after each encode: a promise when the sink kept output aside
+   * (a full pipe, FdWriter.flushPending), which the pump awaits before it
+   * reads on, so that an interrupt is seen while the reader stalls.
+   */
+  drain?: () => Promise<void> | null;
 }
 
 function turn(): Promise<void> {
@@ -55,7 +61,10 @@ export class DirectLoadPump {
     this.buf = Buffer.allocUnsafe(opts.readSize);
     this.yieldEvery = opts.yieldEvery ?? 8 << 20;
     this.holeWeight = opts.holeWeight ?? 1 / 64;
+    this.drain = opts.drain ?? null;
   }
+
+  private readonly drain: (() => Promise<void> | null) | null;
 
   /** Stops the pump at its next read: run() rejects with `err`. */
   abort(err: Error): void {
@@ -87,6 +96,11 @@ export class DirectLoadPump {
       }
       this.encode(read);
       read.data = null;
+      const drained = this.drain?.();
+      if (drained) {
+        work = 0;
+        await drained;
+      }
       if (work >= this.yieldEvery) {
         work = 0;
         await turn();

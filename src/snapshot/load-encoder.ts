@@ -10,6 +10,7 @@ import type { BlockRead } from '../blockio';
 import { RamRecordWriter, RamBlockName, SegmentSink, ramBlockName } from '../migration/ram-writer';
 import { unsentRanges, DiscardRange } from '../migration/postcopy';
 import type { RamBlockLayout } from './layout';
+import { PageBits } from '../util/page-bits';
 
 /** A section is closed after this many bytes so the destination makes progress. */
 const SECTION_LIMIT = 8 << 20;
@@ -55,7 +56,7 @@ interface BlockState {
   layout: RamBlockLayout;
   name: RamBlockName;
   /** One bit per page: set once the page went out. */
-  sent: Uint8Array;
+  sent: PageBits;
   pages: number;
 }
 
@@ -97,7 +98,7 @@ export class LoadEncoder extends Transform {
     this.gathering = gather !== null;
     this.blocks = opts.blocks.map((layout) => {
       const pages = Math.ceil(layout.length / opts.pageSize);
-      return { layout, name: ramBlockName(layout.id), sent: new Uint8Array(Math.ceil(pages / 8)), pages };
+      return { layout, name: ramBlockName(layout.id), sent: new PageBits(pages), pages };
     });
   }
 
@@ -109,7 +110,7 @@ export class LoadEncoder extends Transform {
 
   isSent(index: number, page: number): boolean {
     const st = this.blocks[index];
-    return (st.sent[page >>> 3] & (1 << (page & 7))) !== 0;
+    return st.sent.has(page);
   }
 
   override _transform(read: BlockRead, cb: (err: Error | null, out?: unknown) => void): void {
@@ -201,10 +202,7 @@ export class LoadEncoder extends Transform {
     let page = (read.offset - base) / ps;
     const end = page + read.length / ps;
     for (let i = 0; page < end; page++, i += ps) {
-      const bit = 1 << (page & 7);
-      const byte = page >>> 3;
-      if ((st.sent[byte] & bit) !== 0) continue;
-      st.sent[byte] |= bit;
+      if (!st.sent.add(page)) continue;
       this.writer.beginSection();
       const address = page * ps;
       // Most data pages differ from zero in their first or last byte: test

@@ -169,7 +169,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   let pump: DirectLoadPump | null = null;
   let reader: OrderedBlockReader | null = null;
   if (direct) {
-    pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize });
+    const writer = direct;
+    pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
     reader = new OrderedBlockReader({ read: (offset: number, length: number) => snap.image.read(offset, length) }, plan, {
       maxInFlight,
@@ -179,6 +180,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   const stop = (err: Error): void => {
     if (reader) reader.destroy(err);
     else pump?.abort(err);
+    direct?.cancel(err);
   };
 
   const started = Date.now();
@@ -308,8 +310,10 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   try {
     if (direct && pump) {
       await encoder.begin();
+      await direct.flushPending();
       await pump.run();
       await encoder.finish();
+      await direct.flushPending();
       (direct as unknown as NodeJS.WritableStream).end();
     } else if (reader) {
       const out: NodeJS.WritableStream = opts.output ? fs.createWriteStream(opts.output) : opts.stdout ?? process.stdout;

@@ -4,8 +4,12 @@
 //
 // The image is built in a temporary file beside the target and linked into
 // place only after the stream ended cleanly, the metadata is flushed and the
-// file is fsynced. On any failure the temporary file is removed.
+// file is fsynced. On Linux that file has no name (O_TMPFILE) until linkat
+// gives it the target's: a save killed outright leaves nothing. Elsewhere it
+// is a named temporary, removed on any failure, and a later save into the
+// same directory removes those whose owner died.
 import { promises as fsp, constants as fsc } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { pumpAsync } from '../util/pump';
@@ -159,7 +163,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     throw new SaveTargetError(`${imagePath}: already exists (use --force to replace it)`);
   }
   const dir = path.dirname(target);
-  const tmpPath = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
+  await checkDirectory(path.dirname(imagePath), imagePath);
+  const tmpPath = tempName(target);
+  // The open image file: unnamed (tmpPath null) or named tmpPath.
+  let file: ImageFile | null = null;
   const blockTarget = new ImageBlockTarget();
   // Resolves once the temporary image exists (or failed to): a stream that
   // fails while it is being created must not unlink before it appears.
@@ -175,7 +182,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     pageSize: opts.pageSize,
     gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
-      const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
+      const created = openImageFile(dir, tmpPath).then((f) => {
+        file = f;
+        // Messages name the image the user asked for, not a hidden temporary.
+        return Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh });
+      });
       creating = created.catch(() => null);
       const image = await created;
       blockTarget.image = image;
@@ -243,9 +254,14 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: SAVE_DIGEST_ALGORITHM, chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
     }
     await image.flush({ sync: true });
+    const f = file as ImageFile | null;
+    if (!f) throw new SaveTargetError(`${imagePath}: the image file was never opened`);
+    // An unnamed file is linked while it is still open.
+    if (f.tmpPath === null) await publishUnnamed(f.fh, target, opts.force === true);
     await image.close();
     blockTarget.image = null;
-    await publish(tmpPath, target, opts.force === true);
+    if (f.tmpPath !== null) await publish(f.tmpPath, target, opts.force === true);
+    await syncDirectory(target);
     ok = true;
     if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(0));
     return { ...summary, imagePath: target, streamBytes: gate.bytes };
@@ -258,7 +274,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       const pending = creating as Promise<Qcow2Image | null> | null;
       const image = pending ? await pending : null;
       if (image) await image.close().catch(() => undefined);
-      if (pending) await fsp.unlink(tmpPath).catch(() => undefined);
+      const named = (file as ImageFile | null)?.tmpPath;
+      if (pending && named) await fsp.unlink(named).catch(() => undefined);
+      // Never opened as an image (create failed): close the file itself.
+      else if (!image) await (file as ImageFile | null)?.fh.close().catch(() => undefined);
       if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(1));
     }
   }
@@ -279,11 +298,123 @@ async function publish(tmpPath: string, target: string, force: boolean): Promise
     }
     await fsp.unlink(tmpPath);
   }
+}
+
+/** Makes the rename or link that published the image durable. */
+async function syncDirectory(target: string): Promise<void> {
   const dirHandle = await fsp.open(path.dirname(target), fsc.O_RDONLY);
   try {
     await dirHandle.sync();
   } finally {
     await dirHandle.close();
+  }
+}
+
+/** The image's file while it is built: unnamed (O_TMPFILE) when tmpPath is null. */
+interface ImageFile {
+  fh: FileHandle;
+  tmpPath: string | null;
+}
+
+/** open(2)'s O_TMPFILE on Linux (x86, arm, riscv...): __O_TMPFILE | O_DIRECTORY. */
+const O_TMPFILE = 0o20000000 | 0o200000;
+const TEMP_NAME = /^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$/;
+/** A named temporary untouched this long, whose owner pid is gone, is left over from a killed save. */
+const STALE_TEMP_MS = 10_000;
+
+function tempName(target: string): string {
+  return path.join(path.dirname(target), `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
+}
+
+/**
+ * An unnamed file in `dir` where the file system and the native module
+ * (for linkat) allow it, else the named temporary `tmpPath`, after removing
+ * stale ones. QEMU_SNAP_TMPFILE=0 forces the named temporary.
+ */
+async function openImageFile(dir: string, tmpPath: string): Promise<ImageFile> {
+  await removeStaleTemps(dir);
+  if (process.platform === 'linux' && native() && process.env.QEMU_SNAP_TMPFILE !== '0') {
+    try {
+      return { fh: await fsp.open(dir, O_TMPFILE | fsc.O_RDWR, 0o666), tmpPath: null };
+    } catch (err) {
+      // Not supported here (old kernels say EISDIR): fall back.
+      if (!['EOPNOTSUPP', 'EISDIR', 'EINVAL'].includes(String((err as NodeJS.ErrnoException).code))) throw err;
+    }
+  }
+  return { fh: await fsp.open(tmpPath, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o666), tmpPath };
+}
+
+/** Removes named temporaries of earlier saves whose process is gone (SIGKILL, a crash, power loss). */
+async function removeStaleTemps(dir: string): Promise<void> {
+  let names: string[];
+  try {
+    names = await fsp.readdir(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = TEMP_NAME.exec(name);
+    if (!m || Number(m[1]) === process.pid || processAlive(Number(m[1]))) continue;
+    const p = path.join(dir, name);
+    try {
+      const st = await fsp.lstat(p);
+      if (st.isFile() && Date.now() - st.mtimeMs > STALE_TEMP_MS) await fsp.unlink(p);
+    } catch {
+      // gone meanwhile, or not ours to remove
+    }
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Names the unnamed file: linkat at the target, which fails if the target
+ * appeared meanwhile (another save won the race); with force, linkat at a
+ * fresh temporary name and rename over the target, so a concurrent load
+ * opens the old image or the new one, whole.
+ */
+async function publishUnnamed(fh: FileHandle, target: string, force: boolean): Promise<void> {
+  const mod = native();
+  if (!mod) throw new SaveTargetError(`${target}: an unnamed image file needs the native module to be linked`);
+  if (!force) {
+    try {
+      mod.linkFd(fh.fd, target);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new SaveTargetError(`${target}: already exists (another save finished first; use --force to replace it)`);
+      }
+      throw err;
+    }
+    return;
+  }
+  const side = tempName(target);
+  mod.linkFd(fh.fd, side);
+  try {
+    await fsp.rename(side, target);
+  } catch (err) {
+    await fsp.unlink(side).catch(() => undefined);
+    throw err;
+  }
+}
+
+/** The directory IMAGE goes into must exist: say so naming it as typed. */
+async function checkDirectory(typedDir: string, imagePath: string): Promise<void> {
+  try {
+    const st = await fsp.stat(typedDir);
+    if (!st.isDirectory()) throw new SaveTargetError(`${typedDir}: not a directory (for IMAGE ${imagePath})`);
+  } catch (err) {
+    if (err instanceof SaveTargetError) throw err;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new SaveTargetError(`${typedDir}: no such directory (for IMAGE ${imagePath})`);
+    if (code === 'ENOTDIR') throw new SaveTargetError(`${typedDir}: not a directory (for IMAGE ${imagePath})`);
+    throw err;
   }
 }
 

@@ -123,6 +123,19 @@ async function readDigests(path: string, image: Qcow2Image, at: number, state: B
   if (hdr.chunkCount !== expected) {
     throw new DigestMismatchError(`${path}: the RAM digest extension covers ${hdr.chunkCount} chunks, the disk has ${expected}`);
   }
+  // The count follows the virtual size, which a header can make anything:
+  // the table must lie in written clusters of the VM state area, as save
+  // writes it, and fit in the file, before a buffer of its size is made.
+  const tableEnd = at + DIGEST_HEADER_SIZE + hdr.chunkCount * 4;
+  if (hdr.chunkCount * 4 > image.fileBytes) {
+    throw new DigestMismatchError(`${path}: the RAM digest table (${hdr.chunkCount * 4} bytes) is larger than the file (${image.fileBytes} bytes)`);
+  }
+  await image.loadMetadata(image.vmStateOffset, tableEnd);
+  const first = image.allocatedRanges(image.vmStateOffset, tableEnd)[0];
+  const written = first && first.allocated ? first.length : 0;
+  if (written < tableEnd) {
+    throw new DigestMismatchError(`${path}: the RAM digest table reaches past the written VM state area (${tableEnd} bytes needed, ${written} allocated)`);
+  }
   const table = decodeDigestTable(path, hdr, await image.readVmState(at + DIGEST_HEADER_SIZE, hdr.chunkCount * 4));
   if (zlib.crc32(state) !== table.stateCrc) {
     throw new DigestMismatchError(`${path}: the leader or device state in the VM state area is damaged (checksum mismatch)`);

@@ -14,6 +14,7 @@ import { Command } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { layoutRamBlocks, RamBlockLayout, VMSTATE_HEADER_SIZE, isValidPageSize } from './layout';
 import { RunBufferPool } from './run-buffers';
+import { PageBits } from '../util/page-bits';
 
 export class SnapshotSaveError extends QemuSnapError {
   constructor(readonly streamOffset: number, message: string) {
@@ -75,7 +76,7 @@ type Phase = 'leader' | 'ram' | 'device';
 interface BlockState {
   layout: RamBlockLayout;
   /** One bit per page: set while the page holds data on disk. */
-  dataBits: Uint8Array;
+  dataBits: PageBits;
 }
 
 export class SnapshotWriter extends Transform {
@@ -236,7 +237,7 @@ export class SnapshotWriter extends Transform {
     if (this.phase !== 'leader') return cb(new SnapshotSaveError(rec.offset, 'MEM_SIZE record after the RAM setup section'));
     const { blocks, virtualSize } = layoutRamBlocks(rec.blocks.map((b) => ({ id: b.id, length: b.length })));
     const pages = (len: number) => Math.ceil(len / this.pageSize);
-    this.blockStates = blocks.map((layout) => ({ layout, dataBits: new Uint8Array(Math.ceil(pages(layout.length) / 8)) }));
+    this.blockStates = blocks.map((layout) => ({ layout, dataBits: new PageBits(pages(layout.length)) }));
     this.virtualSize = virtualSize;
     this.appendLeader(rec);
     this.opts.prepareImage(virtualSize, blocks).then(
@@ -339,24 +340,16 @@ export class SnapshotWriter extends Transform {
   private storePage(blockIndex: number, address: number, src: Buffer, start: number): void {
     const st = this.blockStates[blockIndex];
     const page = this.pageOf(address);
-    const bit = 1 << (page & 7);
-    const byte = page >>> 3;
-    if ((st.dataBits[byte] & bit) === 0) {
-      st.dataBits[byte] |= bit;
-      this.dataPages++;
-    }
+    if (st.dataBits.add(page)) this.dataPages++;
     this.putPage(st.layout.offset + address, src, start);
   }
 
   private storeZero(blockIndex: number, address: number): void {
     const st = this.blockStates[blockIndex];
     const page = this.pageOf(address);
-    const bit = 1 << (page & 7);
-    const byte = page >>> 3;
     // A page never written is already zero on disk (unallocated, or a fresh
     // cluster): nothing to do. One that holds data must be overwritten.
-    if ((st.dataBits[byte] & bit) === 0) return;
-    st.dataBits[byte] &= ~bit;
+    if (!st.dataBits.delete(page)) return;
     this.dataPages--;
     if (this.zeroPage === null || this.zeroPage.length !== this.pageSize) this.zeroPage = Buffer.alloc(this.pageSize);
     this.putPage(st.layout.offset + address, this.zeroPage, 0);

@@ -3,6 +3,7 @@
 // piece costs a trip through the streams. A worker doing blocking reads
 // gathers them into 512 KiB chunks (transferred, not copied) while the main
 // thread parses the previous ones.
+import * as fs from 'node:fs';
 import { MessageChannel, MessagePort, Worker } from 'node:worker_threads';
 import { Readable } from 'streamx';
 import { QemuSnapError } from '../errors';
@@ -40,7 +41,9 @@ const send = () => {
   len = 0;
 };
 for (;;) {
-  for (let c = Atomics.load(credits, 0); c <= 0; c = Atomics.load(credits, 0)) Atomics.wait(credits, 0, c);
+  for (let c = Atomics.load(credits, 0); c <= 0 && Atomics.load(credits, 1) === 0; c = Atomics.load(credits, 0)) Atomics.wait(credits, 0, c);
+  // credits[1]: main destroyed the reader (and woke a blocked read with a byte of its own).
+  if (Atomics.load(credits, 1) !== 0) break;
   let n;
   // A read returns at most what the pipe holds: less than that, or than
   // asked for, means the pipe ran dry.
@@ -54,6 +57,7 @@ for (;;) {
     break;
   }
   backoff = 0.02;
+  if (Atomics.load(credits, 1) !== 0) break;
   if (n === 0) {
     if (len > 0) send();
     parentPort.postMessage({ eof: true });
@@ -77,6 +81,19 @@ for (;;) {
   }
 }
 `;
+
+/** Makes a read(2) blocked on the pipe `fd` return (one byte through /proc/self/fd). Best effort. */
+export function wakePipeReader(fd: number): void {
+  let w: number | null = null;
+  try {
+    w = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+    fs.writeSync(w, Buffer.alloc(1));
+  } catch {
+    // not a pipe, no /proc, a full pipe: nothing blocked to wake
+  } finally {
+    if (w !== null) fs.closeSync(w);
+  }
+}
 
 /** Heap limits for helper threads that keep almost nothing in JS objects. */
 export const WORKER_HEAP = { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 16 };
@@ -107,7 +124,8 @@ export class FdReader extends Readable {
     this.chunkSize = chunkSize;
     const channel = new MessageChannel();
     this.recycled = channel.port1;
-    this.credits = new Int32Array(new SharedArrayBuffer(4));
+    // [0]: bytes the worker may still send; [1]: non-zero once destroyed.
+    this.credits = new Int32Array(new SharedArrayBuffer(8));
     const window = (opts.readAhead ?? 4) * chunkSize;
     this.credits[0] = window;
     this.wakeAt = Math.max(1, window >> 1);
@@ -150,9 +168,17 @@ export class FdReader extends Readable {
   }
 
   override _destroy(cb: (err: Error | null) => void): void {
+    const wasReading = !this.done;
     this.done = true;
     this.recycled.close();
-    // Blocked in read(), the thread ends when the fd gives EOF or the process exits.
+    Atomics.store(this.credits, 1, 1);
+    Atomics.notify(this.credits, 0);
+    // A thread blocked in read() is not ended by terminate(), and Node's
+    // exit joins it: it would hold the process until the writer sends or
+    // closes (an idle source under SIGTERM: forever). Wake it with a byte of
+    // our own, written through a second opening of the same pipe; a full
+    // pipe (EAGAIN) has no blocked reader to wake.
+    if (wasReading) wakePipeReader(this.fd);
     void this.worker.terminate().catch(() => undefined);
     cb(null);
   }

@@ -35,25 +35,91 @@ function nap(): void {
   Atomics.wait(napCell, 0, 0, 1);
 }
 
+/**
+ * How long a synchronous write waits for a full pipe before it keeps the
+ * rest for later (FdWriter.flushPending) and returns: long enough that a
+ * reader which is merely slower than us costs no copies, short enough that
+ * an interrupt is seen promptly (the main thread runs no signal handler
+ * while it waits here).
+ */
+export const SYNC_WAIT_MS = 50;
+
+/**
+ * O_NONBLOCK on `fd` (a pipe we write synchronously): a blocking write(2)
+ * to a full pipe sleeps in the kernel, restarted after every signal, until
+ * the reader takes the data, which may be never. Through the native module,
+ * or else by creating process.stdout (libuv makes a pipe non-blocking when
+ * it opens it). Returns whether it was done.
+ */
+export function makeNonBlocking(fd: number): boolean {
+  const mod = native();
+  if (mod) {
+    try {
+      mod.setNonBlocking(fd);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+  if (fd === 1) {
+    void process.stdout;
+    return true;
+  }
+  return false;
+}
+
 export class FdWriter extends Writable {
   bytesWritten = 0;
+  /** Bytes writeSync could not write within SYNC_WAIT_MS (copies, in order): flushPending writes them. */
+  private pending: Buffer[] = [];
+  private cancelled: Error | null = null;
+  private readonly oneSegment = new Float64Array([0, 0, 0]);
+
+  /** Bytes kept for flushPending. */
+  get pendingBytes(): number {
+    let n = 0;
+    for (const b of this.pending) n += b.length;
+    return n;
+  }
+
+  /** Makes a waiting flushPending reject with `err` (an interrupt: the reader may never come back). */
+  cancel(err: Error): void {
+    this.cancelled ??= err;
+  }
 
   /**
-   * Writes `data` whole, now, on this thread: the caller may reuse the
-   * buffer when it returns. For a producer that would otherwise hand the
-   * pool one chunk at a time: each pool write costs two cross-thread
-   * wake-ups, and with a 1 MiB pipe the blocking write(2) itself rarely
-   * sleeps. Not to be mixed with queued writes still in flight.
+   * Writes `data` now, on this thread: the caller may reuse the buffer when
+   * it returns. For a producer that would otherwise hand the pool one chunk
+   * at a time: each pool write costs two cross-thread wake-ups, and with a
+   * 1 MiB pipe the write rarely waits. On a non-blocking pipe that stays full
+   * for SYNC_WAIT_MS, the rest is copied aside and the caller must await
+   * flushPending() before its event loop may starve again. Not to be mixed
+   * with queued writes still in flight.
    */
   writeSync(data: Buffer): void {
+    if (native()) {
+      this.oneSegment[1] = 0;
+      this.oneSegment[2] = data.length;
+      this.writeSegmentsNow([data], this.oneSegment, 1);
+      return;
+    }
+    if (this.pending.length > 0) {
+      this.pending.push(Buffer.from(data));
+      return;
+    }
     let at = 0;
+    let waited = 0;
     while (at < data.length) {
       let n: number;
       try {
         n = fs.writeSync(this.fd, data, at, data.length - at);
       } catch (err) {
-        // A non-blocking pipe that is full: wait for the reader.
+        // A non-blocking pipe that is full: wait for the reader, a while.
         if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
+          if (waited++ >= SYNC_WAIT_MS) {
+            this.pending.push(Buffer.from(data.subarray(at)));
+            return;
+          }
           nap();
           continue;
         }
@@ -66,19 +132,76 @@ export class FdWriter extends Writable {
 
   /**
    * Gathered writeSync (the native module's writeSegments): the pieces
-   * `segments` describes, whole, now. Null when the native module is not
-   * built: use writeSync.
+   * `segments` describes, now (what a full pipe did not take within
+   * SYNC_WAIT_MS is copied aside, as in writeSync). Null when the native
+   * module is not built: use writeSync.
    */
   get segmentWriter(): ((buffers: Buffer[], segments: Float64Array, count: number) => void) | null {
+    if (!native()) return null;
+    return (buffers, segments, count) => this.writeSegmentsNow(buffers, segments, count);
+  }
+
+  private writeSegmentsNow(buffers: Buffer[], segments: Float64Array, count: number): void {
     const mod = native();
-    if (!mod) return null;
-    return (buffers, segments, count) => {
+    if (!mod) throw new Error('writeSegmentsNow without the native module');
+    let written = 0;
+    if (this.pending.length === 0) {
       try {
-        this.bytesWritten += mod.writeSegments(this.fd, buffers, segments, count);
+        written = mod.writeSegments(this.fd, buffers, segments, count, SYNC_WAIT_MS);
       } catch (err) {
         throw FdWriteError.of(this.fd, err);
       }
-    };
+      this.bytesWritten += written;
+    }
+    // What the pipe did not take: copied aside, in order.
+    let skip = written;
+    for (let i = 0; i < count; i++) {
+      const len = segments[i * 3 + 2];
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      const start = segments[i * 3 + 1] + skip;
+      this.pending.push(Buffer.from(buffers[segments[i * 3]].subarray(start, segments[i * 3 + 1] + len)));
+      skip = 0;
+    }
+  }
+
+  /**
+   * Null when nothing is kept aside; otherwise a promise that writes it all,
+   * returning to the event loop between waits of at most SYNC_WAIT_MS, and
+   * rejects when cancel() is called meanwhile.
+   */
+  flushPending(): Promise<void> | null {
+    if (this.pending.length === 0) return null;
+    return this.drainPending();
+  }
+
+  private async drainPending(): Promise<void> {
+    const mod = native();
+    while (this.pending.length > 0) {
+      if (this.cancelled) throw this.cancelled;
+      const head = this.pending[0];
+      let n = 0;
+      try {
+        if (mod) {
+          this.oneSegment[1] = 0;
+          this.oneSegment[2] = head.length;
+          n = mod.writeSegments(this.fd, [head], this.oneSegment, 1, SYNC_WAIT_MS);
+        } else {
+          n = fs.writeSync(this.fd, head, 0, head.length);
+        }
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw FdWriteError.of(this.fd, err);
+      }
+      this.bytesWritten += n;
+      if (n === head.length) this.pending.shift();
+      else {
+        if (n > 0) this.pending[0] = head.subarray(n);
+        // A turn of the event loop: signals, an abort.
+        await new Promise((resolve) => setTimeout(resolve, mod ? 0 : 1));
+      }
+    }
   }
 
   constructor(readonly fd: number) {

@@ -13,10 +13,17 @@ export interface NativeModule {
   dropPages(view: Buffer): void;
   /**
    * Writes the pieces `segments` describes, in order, whole: `count`
-   * triples (index into `buffers`, offset, length). Blocks until done.
-   * Returns the bytes written. At most 16 buffers.
+   * triples (index into `buffers`, offset, length). Blocks until done, or,
+   * given `maxWaitMs`, until a full non-blocking descriptor has kept it
+   * waiting that long in all. Returns the bytes written. At most 16 buffers.
    */
-  writeSegments(fd: number, buffers: Buffer[], segments: Float64Array, count: number): number;
+  writeSegments(fd: number, buffers: Buffer[], segments: Float64Array, count: number, maxWaitMs?: number): number;
+  /** O_NONBLOCK on the descriptor's open file. */
+  setNonBlocking(fd: number): void;
+  /** _exit(2): ends the process without joining its threads. */
+  exitNow(code: number): never;
+  /** linkat(2) of the open file `fd` (an O_TMPFILE one) at `path`, through /proc/self/fd; EEXIST when `path` exists. */
+  linkFd(fd: number, path: string): void;
   /**
    * pwritev(2) of `length` bytes of what `count` segments describe, from
    * `skip` bytes into them, at file offset `position`, resumed after short

@@ -89,9 +89,8 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
     try {
       const { child, done } = start(['save', '-q', path.join(sub, 'vm.qcow2')]);
       await feedPart(child, 6 << 20);
-      // Wait until the image is being written, then interrupt.
-      for (let i = 0; i < 100 && fs.readdirSync(sub).length === 0; i++) await sleep(20);
-      assert.is(fs.readdirSync(sub).length, 1, 'the temporary image exists before the signal');
+      // Let the image be written (unnamed: nothing to see in the directory), then interrupt.
+      await sleep(500);
       const t0 = Date.now();
       child.kill(sig);
       const e = await done;
@@ -131,6 +130,63 @@ test('stdin (the return path) closes during a postcopy load: exit 1', async () =
   child.stdin.end();
   const e = await done;
   assertCleanFailure(e, /return path|postcopy/);
+});
+
+/** Starts a save of the stream through stdin and SIGKILLs it once it has written part of its image. */
+async function killedSave(target: string, env: NodeJS.ProcessEnv = {}): Promise<void> {
+  const child = spawn(process.execPath, [CLI, 'save', '-q', target], { stdio: ['pipe', 'ignore', 'ignore'], env: { ...process.env, ...env } });
+  child.stdin.on('error', () => undefined);
+  const closed = new Promise((resolve) => child.on('close', resolve));
+  await new Promise<void>((resolve) => child.stdin.write(fs.readFileSync(stream).subarray(0, 6 << 20), () => resolve()));
+  await sleep(500);
+  child.kill('SIGKILL');
+  await closed;
+}
+
+test('SIGKILL in the middle of a save: the directory is as it was (unnamed temporary file)', async () => {
+  const sub = tempDir('faults-kill');
+  try {
+    fs.writeFileSync(path.join(sub, 'other'), 'x');
+    await killedSave(path.join(sub, 'vm.qcow2'));
+    assert.equal(fs.readdirSync(sub), ['other']);
+    // and replacing an image: the old one stays, whole
+    fs.copyFileSync(image, path.join(sub, 'vm.qcow2'));
+    const child = spawn(process.execPath, [CLI, 'save', '-q', '-f', path.join(sub, 'vm.qcow2')], { stdio: ['pipe', 'ignore', 'ignore'] });
+    child.stdin.on('error', () => undefined);
+    const closed = new Promise((resolve) => child.on('close', resolve));
+    child.stdin.write(fs.readFileSync(stream).subarray(0, 6 << 20));
+    await sleep(500);
+    child.kill('SIGKILL');
+    await closed;
+    assert.equal(fs.readdirSync(sub).sort(), ['other', 'vm.qcow2']);
+    assert.ok(fs.readFileSync(path.join(sub, 'vm.qcow2')).equals(fs.readFileSync(image)), 'the old image is untouched');
+  } finally {
+    fs.rmSync(sub, { recursive: true, force: true });
+  }
+});
+
+test('SIGKILL in the middle of a save with named temporaries (QEMU_SNAP_TMPFILE=0): the next save removes the stale one', async () => {
+  const sub = tempDir('faults-stale');
+  try {
+    await killedSave(path.join(sub, 'vm.qcow2'), { QEMU_SNAP_TMPFILE: '0' });
+    const left = fs.readdirSync(sub);
+    assert.is(left.length, 1, 'the killed save left its named temporary');
+    assert.match(left[0], /^\.vm\.qcow2\.\d+\.[0-9a-f]{8}\.tmp$/);
+    // Older than the 10 s a live save's temporary is given.
+    const old = new Date(Date.now() - 60_000);
+    fs.utimesSync(path.join(sub, left[0]), old, old);
+    const r = spawnSync(process.execPath, [CLI, 'save', '-q', '--input', stream, path.join(sub, 'b.qcow2')], { env: { ...process.env, QEMU_SNAP_TMPFILE: '0' } });
+    assert.is(r.status, 0, r.stderr?.toString());
+    assert.equal(fs.readdirSync(sub), ['b.qcow2']);
+  } finally {
+    fs.rmSync(sub, { recursive: true, force: true });
+  }
+});
+
+test('save into a missing directory names that directory as typed', () => {
+  const r = spawnSync(process.execPath, [CLI, 'save', '--input', stream, '/nonexistent-qemu-snap/nodir/vm.qcow2'], { encoding: 'utf8' });
+  assert.is(r.status, 1);
+  assert.is(r.stderr, 'qemu-snap: /nonexistent-qemu-snap/nodir: no such directory (for IMAGE /nonexistent-qemu-snap/nodir/vm.qcow2)\n');
 });
 
 test('two saves to one image at once: one wins, the other fails clearly, no temp files', async () => {

@@ -50,6 +50,15 @@ test(`load: ${LOAD_CASES} damaged images (seed ${SEED})`, async () => {
   const regions = mapImage(base);
   const outcomes = await pool(LOAD_CASES, JOBS, (i) => loadCase(base, regions, SEED + 7919 * i, { workDir: dir, baseline: baseline.stdout }));
   report('load', outcomes);
+  // The oracle itself: with the digest check off (--no-verify), flipped
+  // page data goes out and exits 0; a strict oracle must call that a failure.
+  const unchecked = await pool(12, JOBS, (i) =>
+    loadCase(base, regions, SEED + 104729 * i, { workDir: dir, baseline: baseline.stdout, loadArgs: ['--no-verify'], weights: { data: 1 } }),
+  );
+  assert.ok(
+    unchecked.some((o) => o.result === 'fail' && /differs from the undamaged/.test(o.why ?? '')),
+    `no --no-verify data case was caught: ${unchecked.map((o) => `${o.result} ${o.desc}`).join('; ')}`,
+  );
 });
 
 test.run();

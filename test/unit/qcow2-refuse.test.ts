@@ -75,11 +75,22 @@ const cases: Array<[string, (b: Buffer) => Buffer | void, RegExp]> = [
     const l1 = Number(b.readBigUInt64BE(40));
     b.writeBigUInt64BE(b.readBigUInt64BE(l1) + 512n, l1);
   }, /L1 entry 0: L2 table offset .* not cluster aligned/],
-  ['refcount block outside the file', (b) => {
+];
+
+test('refcount block outside the file: refused by a writable open and by allocatedBytes(); a read-only open reads no refcounts', async () => {
+  const path = crafted((b) => {
     const rt = Number(b.readBigUInt64BE(48));
     b.writeBigUInt64BE(1n << 40n, rt);
-  }, /refcount block 0 .* lies outside the file/],
-];
+  });
+  const err = await rejectsWith(Qcow2Image.open(path, { writable: true }), /refcount block 0 .* lies outside the file/);
+  assert.instance(err, Qcow2Error);
+  const ro = await Qcow2Image.open(path);
+  try {
+    assert.throws(() => ro.allocatedBytes(), /refcount block 0 .* lies outside the file/);
+  } finally {
+    await ro.close();
+  }
+});
 
 for (const [name, mutate, pattern] of cases) {
   test(`refuses: ${name}`, async () => {
