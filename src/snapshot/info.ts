@@ -5,7 +5,7 @@ import { pumpAsync } from '../util/pump';
 import { MigrationFramer } from '../migration/framer';
 import type { MigrationRecord } from '../migration/records';
 import { InputGate } from './input-gate';
-import { openSnapshot } from './snapshot-image';
+import { openSnapshot, namePath } from './snapshot-image';
 import { formatBytes } from '../util/size';
 
 export interface DeviceInfo {
@@ -60,7 +60,9 @@ export async function describeFile(file: string): Promise<Info> {
   let magic = -1;
   try {
     const b = Buffer.alloc(4);
-    const { bytesRead } = await fh.read(b, 0, 4, 0);
+    const { bytesRead } = await fh.read(b, 0, 4, 0).catch((err: unknown) => {
+      throw namePath(err, file);
+    });
     if (bytesRead === 4) magic = b.readUInt32BE(0);
   } finally {
     await fh.close();
