@@ -3,7 +3,7 @@
 // restore it, describe it. A thin layer over the library: argument parsing,
 // exit codes (0 ok, 1 runtime failure, 2 usage), progress and one-line errors.
 import minimist from 'minimist';
-import { readFileSync } from 'node:fs';
+import { readFileSync, fstatSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { setFlagsFromString } from 'node:v8';
 import { QemuSnapError } from '../src/errors';
@@ -14,6 +14,8 @@ import { ProgressLine } from '../src/util/progress';
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
+import { formatBytes } from '../src/util/size';
+import { REFUSAL_NOTICE } from '../src/snapshot/refusal';
 
 // The per-page records die young: a smaller young generation (V8's default
 // lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
@@ -31,11 +33,50 @@ function stdout(): NodeJS.WriteStream {
       // failure (an interrupt, a bad image), which main() reports.
       if (!/^E[A-Z0-9]+$/.test(String((err as NodeJS.ErrnoException).code))) return;
       // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
-      process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
+      const code = (err as NodeJS.ErrnoException).code;
+      process.stderr.write(`qemu-snap: ${loadStreamBytes && isReaderGone(code) ? destinationClosed(loadStreamBytes(), code) : `stdout: ${code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}`}\n`);
       process.exit(1);
     });
   }
   return process.stdout;
+}
+
+/**
+ * While `load` runs with a consumer (a pipe or a socket) on stdout: how many
+ * stream bytes went out. A load that fails before the first byte sends the
+ * consumer the refusal notice (src/snapshot/refusal.ts), so a destination
+ * QEMU fails at once instead of waiting for ever.
+ */
+let loadStreamBytes: (() => number) | null = null;
+
+/** A pipe or a socket: something that reads what we write as it comes, not a file. */
+function isConsumer(fd: number): boolean {
+  try {
+    const st = fstatSync(fd);
+    return st.isFIFO() || st.isSocket();
+  } catch {
+    return false;
+  }
+}
+
+function isReaderGone(code: unknown): boolean {
+  return code === 'EPIPE' || code === 'ECONNRESET';
+}
+
+/** What to say when the consumer of load's stream went away. */
+function destinationClosed(bytes: number, code: unknown): string {
+  return `the destination closed the stream after ${formatBytes(bytes)} (${String(code)} on stdout): a destination QEMU logs its reason on its stderr or log (e.g. "Size mismatch" for a different -m, "Machine type received is ..." for another -machine)`;
+}
+
+/** A failed load owes a consumer that got nothing the refusal notice. */
+function refuseConsumer(): void {
+  if (!loadStreamBytes || loadStreamBytes() > 0) return;
+  loadStreamBytes = null;
+  try {
+    writeSync(1, REFUSAL_NOTICE);
+  } catch {
+    // The consumer is gone or its pipe is full: it will not wait on us.
+  }
 }
 
 const USAGE = `usage:
@@ -152,6 +193,7 @@ async function cmdSave(argv: string[]): Promise<void> {
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
   const inputPath = oneString(args.input, '--input');
   const fromStdin = inputPath === undefined || inputPath === '-';
+  if (fromStdin && isatty(0)) fail('refusing to read a migration stream from a terminal: run it under QEMU (migrate "exec:qemu-snap save IMAGE") or use --input FILE');
   // A 1 MiB pipe instead of 64 KiB: 16 times fewer sleeps and wake-ups between the writer and us.
   const pipeSize = fromStdin && isPipe(0) ? (enlargePipe(0) ?? undefined) : undefined;
   // A pipe is read on a worker thread in 1 MiB pieces: Node's own reads of
@@ -186,6 +228,8 @@ async function cmdSave(argv: string[]): Promise<void> {
 }
 
 async function cmdLoad(argv: string[]): Promise<void> {
+  // Set before the arguments are parsed: a usage error is a refusal too.
+  if (isConsumer(1)) loadStreamBytes = () => 0;
   const { args, common } = parse(argv, {
     string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
     boolean: ['verify'],
@@ -204,16 +248,22 @@ async function cmdLoad(argv: string[]): Promise<void> {
     postcopy = Number(pctArg);
   }
   const outputPath = oneString(args.output, '--output');
+  if (outputPath !== undefined) loadStreamBytes = null;
+  // Postcopy talks with the destination both ways: a file cannot answer.
+  if (postcopy !== undefined && outputPath !== undefined) fail('--postcopy needs the destination QEMU on stdout and its return path on stdin: it cannot write to a file (--output)');
+  if (postcopy !== undefined && !isatty(1) && !isConsumer(1)) fail('--postcopy needs the destination QEMU on stdout (a pipe or a socket, as -incoming "exec:..." gives) and its return path on stdin: stdout is a file');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   if (outputPath === undefined && isPipe(1)) enlargePipe(1);
   const progress = new ProgressLine(common.progress);
   const ac = abortOnSignals();
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
+    // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
+    const out = outputPath !== undefined ? undefined : isPipe(1) ? new FdWriter(1) : stdout();
+    if (out && loadStreamBytes) loadStreamBytes = () => out.bytesWritten;
     const r = await loadSnapshot(image, {
       output: outputPath,
-      // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
-      stdout: outputPath !== undefined ? undefined : isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
+      stdout: out as NodeJS.WritableStream | undefined,
       pageSize,
       maxInFlight,
       postcopy,
@@ -227,6 +277,9 @@ async function cmdLoad(argv: string[]): Promise<void> {
     if (!common.quiet && outputPath !== undefined) process.stderr.write(`qemu-snap: wrote ${r.streamBytes} bytes of stream to ${outputPath}\n`);
   } catch (err) {
     progress.clear();
+    // A destination that stopped reading has a reason of its own, which it logs.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (loadStreamBytes && isReaderGone(code)) throw new QemuSnapError(destinationClosed(loadStreamBytes(), code));
     throw err;
   }
 }
@@ -278,7 +331,9 @@ async function main(argv: string[]): Promise<number> {
     }
     return 0;
   } catch (err) {
-    return report(err);
+    const code = report(err);
+    if (cmd === 'load') refuseConsumer();
+    return code;
   }
 }
 
