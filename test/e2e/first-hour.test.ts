@@ -153,4 +153,42 @@ test('save with a terminal on stdin refuses at once', async () => {
   assert.not.ok(fs.existsSync(target));
 });
 
+test('info prints a restore recipe a destination can be started from (DIMM, -smp 2, slots)', async () => {
+  const dimmImage = path.join(dir, 'dimm.qcow2');
+  const srcDump = path.join(dir, 'dimm.src.mem');
+  const dstDump = path.join(dir, 'dimm.dst.mem');
+  const extra = ['-m', '256M,slots=3,maxmem=1G', '-smp', '2', '-object', 'memory-backend-ram,id=dimm0,size=64M', '-device', 'pc-dimm,memdev=dimm0'];
+  const src = await startVm({ machine: 'pc', memMiB: 256, extraArgs: extra, loads: [{ file: pattern, addr: PATTERN_ADDR }], name: 'recipe-src' });
+  try {
+    await src.migrate(snapExec(`save -q ${shellQuote(dimmImage)}`));
+    await src.pmemsave(srcDump, 256 << 20);
+  } finally {
+    await src.stop();
+  }
+  const info = await runCli(['info', '--json', dimmImage]);
+  assert.is(info.code, 0, info.stderr);
+  const recipe = JSON.parse(info.stdout.toString()).restore;
+  assert.match(recipe.machine, /^pc-i440fx-\d/);
+  assert.equal(recipe.mainRam, { id: 'pc.ram', bytes: 256 << 20 });
+  assert.equal(recipe.memoryBackends, [{ id: 'dimm0', bytes: 64 << 20 }]);
+  assert.is(recipe.cpus, 2);
+  assert.is(recipe.slots, 3);
+  const text = await runCli(['info', dimmImage]);
+  assert.ok(text.stdout.toString().includes(recipe.commandLine), 'the text output carries the same command line');
+  // The destination runs the recipe as it is (startVm's own -machine and -m come first and are overridden).
+  const argv: string[] = recipe.argv.slice(1);
+  const at = argv.indexOf('-incoming');
+  assert.ok(at > 0 && /^exec:qemu-snap load /.test(argv[at + 1]));
+  argv.splice(at, 2);
+  const dst = await startVm({ machine: 'pc', memMiB: 256, extraArgs: argv, incoming: snapExec(`load -q ${shellQuote(dimmImage)}`), name: 'recipe-dst' });
+  try {
+    await dst.waitForMigrationStatus('completed', 60_000);
+    await dst.pmemsave(dstDump, 256 << 20);
+  } finally {
+    await dst.stop();
+  }
+  assert.ok(execFileSync('cmp', [srcDump, dstDump]).length === 0, 'guest RAM restored');
+  for (const f of [dimmImage, srcDump, dstDump]) fs.unlinkSync(f);
+});
+
 test.run();
