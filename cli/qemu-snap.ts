@@ -8,7 +8,8 @@ import { isatty } from 'node:tty';
 import { setFlagsFromString } from 'node:v8';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
-import { ProgressLine } from '../src/util/progress';
+import { ProgressLine, ProgressMode } from '../src/util/progress';
+import { saveProgress, loadProgress, verifyProgress } from '../src/snapshot/progress-state';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
 import { FdWriter, isPipe } from '../src/util/fd-writer';
@@ -110,6 +111,11 @@ interface CommonFlags {
   progress: boolean;
 }
 
+/** In place on a terminal; plain lines every few seconds into a file or a pipe. */
+function progressMode(common: CommonFlags): ProgressMode {
+  return !common.progress ? 'off' : process.stderr.isTTY === true ? 'tty' : 'lines';
+}
+
 function fail(message: string): never {
   throw new UsageError(message);
 }
@@ -136,7 +142,8 @@ function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; al
   });
   const common: CommonFlags = {
     quiet: args.quiet === true,
-    progress: args.progress === undefined ? process.stderr.isTTY === true : args.progress === true,
+    // minimist gives an absent boolean false, not undefined: look for the flag itself.
+    progress: argv.some((a) => /^--(no-)?progress$/.test(a)) ? args.progress === true : process.stderr.isTTY === true,
   };
   if (common.quiet) common.progress = false;
   return { args, common };
@@ -203,7 +210,7 @@ async function cmdSave(argv: string[]): Promise<void> {
     : isPipe(0) && process.env.QEMU_SNAP_PIPE_THREAD !== '0'
       ? (new FdReader(0, { pipeSize }) as unknown as NodeJS.ReadableStream)
       : process.stdin;
-  const progress = new ProgressLine(common.progress);
+  const progress = new ProgressLine('save', progressMode(common));
   const ac = abortOnSignals();
   try {
     const { saveSnapshot } = await import('../src/snapshot/save');
@@ -214,9 +221,10 @@ async function cmdSave(argv: string[]): Promise<void> {
       force: args.force === true,
       returnPath: stdout(),
       signal: ac.signal,
-      onProgress: (bytes, pages) => progress.update(bytes, pages),
+      onProgress: (bytes, _pages, summary) => progress.update(saveProgress(bytes, summary)),
     });
-    progress.done(r.streamBytes, r.pageRecords);
+    // The final line: no stage (the stream is complete, whatever pass it was in).
+    progress.done({ ...saveProgress(r.streamBytes, r), stage: undefined });
     stats = { cmd: 'save', streamBytes: r.streamBytes, dataPages: r.dataPages };
     if (!common.quiet) {
       process.stderr.write(`qemu-snap: saved ${r.imagePath}: ${r.dataPages} data pages, ${r.blocks.length} RAM blocks, ${r.deviceStateLength} bytes of device state\n`);
@@ -254,7 +262,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
   if (postcopy !== undefined && !isatty(1) && !isConsumer(1)) fail('--postcopy needs the destination QEMU on stdout (a pipe or a socket, as -incoming "exec:..." gives) and its return path on stdin: stdout is a file');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   if (outputPath === undefined && isPipe(1)) enlargePipe(1);
-  const progress = new ProgressLine(common.progress);
+  const progress = new ProgressLine('load', progressMode(common));
   const ac = abortOnSignals();
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
@@ -270,9 +278,9 @@ async function cmdLoad(argv: string[]): Promise<void> {
       verify: args.verify !== false,
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,
-      onProgress: (bytes, pages) => progress.update(bytes, pages),
+      onProgress: (bytes, _pages, state) => progress.update(loadProgress(bytes, state)),
     });
-    progress.done(r.streamBytes, r.dataPagesSent);
+    progress.done(loadProgress(r.streamBytes, r));
     stats = { cmd: 'load', streamBytes: r.streamBytes, dataPages: r.dataPagesSent, requests: r.requests };
     if (!common.quiet && outputPath !== undefined) process.stderr.write(`qemu-snap: wrote ${r.streamBytes} bytes of stream to ${outputPath}\n`);
   } catch (err) {
@@ -298,7 +306,21 @@ async function cmdVerify(argv: string[]): Promise<void> {
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to check)');
   const { verifySnapshot } = await import('../src/snapshot/verify');
-  const r = await verifySnapshot(image);
+  const progress = new ProgressLine('verify', progressMode(common));
+  let last: Parameters<typeof verifyProgress> = [0, 0, 0, 0];
+  let r: Awaited<ReturnType<typeof verifySnapshot>>;
+  try {
+    r = await verifySnapshot(image, {
+      onProgress: (...figures) => {
+        last = figures;
+        progress.update(verifyProgress(...figures));
+      },
+    });
+  } catch (err) {
+    progress.clear();
+    throw err;
+  }
+  if (last[1] > 0) progress.done(verifyProgress(...last));
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 

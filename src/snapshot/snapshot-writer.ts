@@ -63,6 +63,10 @@ export interface SnapshotSummary {
   /** PAGE and ZERO records seen (QEMU's ram.normal and ram.duplicate). */
   pageRecords: number;
   zeroRecords: number;
+  /** Distinct pages that got a PAGE or ZERO record: the rest of the records are re-sends. */
+  coveredPages: number;
+  /** Pages of all RAM blocks (from MEM_SIZE). */
+  totalPages: number;
   ramSectionOffset: number;
   leaderLength: number;
   deviceStateLength: number;
@@ -76,6 +80,8 @@ interface BlockState {
   layout: RamBlockLayout;
   /** One bit per page: set while the page holds data on disk. */
   dataBits: Uint8Array;
+  /** One bit per page: set once the page got any record (progress: covered vs re-sent). */
+  seenBits: Uint8Array;
 }
 
 export class SnapshotWriter extends Transform {
@@ -92,6 +98,8 @@ export class SnapshotWriter extends Transform {
   private dataPages = 0;
   private pageRecords = 0;
   private zeroRecords = 0;
+  private coveredPages = 0;
+  private totalPages = 0;
   private sawEof = false;
   private returnPath = false;
 
@@ -159,6 +167,8 @@ export class SnapshotWriter extends Transform {
       dataPages: this.dataPages,
       pageRecords: this.pageRecords,
       zeroRecords: this.zeroRecords,
+      coveredPages: this.coveredPages,
+      totalPages: this.totalPages,
       ramSectionOffset: this.ramSectionOffset,
       leaderLength: this.leaderLength,
       deviceStateLength: this.deviceStateLength,
@@ -236,7 +246,12 @@ export class SnapshotWriter extends Transform {
     if (this.phase !== 'leader') return cb(new SnapshotSaveError(rec.offset, 'MEM_SIZE record after the RAM setup section'));
     const { blocks, virtualSize } = layoutRamBlocks(rec.blocks.map((b) => ({ id: b.id, length: b.length })));
     const pages = (len: number) => Math.ceil(len / this.pageSize);
-    this.blockStates = blocks.map((layout) => ({ layout, dataBits: new Uint8Array(Math.ceil(pages(layout.length) / 8)) }));
+    this.blockStates = blocks.map((layout) => ({
+      layout,
+      dataBits: new Uint8Array(Math.ceil(pages(layout.length) / 8)),
+      seenBits: new Uint8Array(Math.ceil(pages(layout.length) / 8)),
+    }));
+    this.totalPages = blocks.reduce((n, b) => n + pages(b.length), 0);
     this.virtualSize = virtualSize;
     this.appendLeader(rec);
     this.opts.prepareImage(virtualSize, blocks).then(
@@ -341,6 +356,10 @@ export class SnapshotWriter extends Transform {
     const page = this.pageOf(address);
     const bit = 1 << (page & 7);
     const byte = page >>> 3;
+    if ((st.seenBits[byte] & bit) === 0) {
+      st.seenBits[byte] |= bit;
+      this.coveredPages++;
+    }
     if ((st.dataBits[byte] & bit) === 0) {
       st.dataBits[byte] |= bit;
       this.dataPages++;
@@ -353,6 +372,10 @@ export class SnapshotWriter extends Transform {
     const page = this.pageOf(address);
     const bit = 1 << (page & 7);
     const byte = page >>> 3;
+    if ((st.seenBits[byte] & bit) === 0) {
+      st.seenBits[byte] |= bit;
+      this.coveredPages++;
+    }
     // A page never written is already zero on disk (unallocated, or a fresh
     // cluster): nothing to do. One that holds data must be overwritten.
     if ((st.dataBits[byte] & bit) === 0) return;
