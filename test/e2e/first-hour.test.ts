@@ -220,4 +220,22 @@ test('progress under QEMU (stderr not a terminal): plain lines with RAM covered 
   fs.unlinkSync(img);
 });
 
+test('with the return-path capability, "completed" on the source means the image is published', async () => {
+  const img = path.join(dir, 'return-path.qcow2');
+  const src = await startVm({ machine: 'pc', memMiB: 256, paused: false, loads: [{ file: pattern, addr: PATTERN_ADDR }], name: 'rp-src' });
+  try {
+    await src.migrate(snapExec(`save -q ${shellQuote(img)}`), { capabilities: { 'return-path': true } });
+    // No waiting: save answers SHUT only after the fsync and the rename.
+    assert.ok(fs.existsSync(img), 'the image exists when the source reports completed');
+    assert.is((await src.queryStatus()).status, 'postmigrate', 'the source is left paused');
+    await src.cont();
+    assert.is((await src.queryStatus()).status, 'running', 'cont resumes it (as the README says)');
+  } finally {
+    await src.stop();
+  }
+  const v = await runCli(['verify', img]);
+  assert.is(v.code, 0, v.stderr);
+  fs.unlinkSync(img);
+});
+
 test.run();
