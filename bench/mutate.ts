@@ -21,6 +21,7 @@ import minimist from 'minimist';
 import { startVm, makePattern, shellQuote, QEMU_IMG } from '../test/e2e/lib';
 import { CLI } from '../test/e2e/common';
 import { parseRecords } from '../src/snapshot/snapshot-image';
+import { isRefusalNotice } from '../src/snapshot/refusal';
 import type { MigrationRecord } from '../src/migration/records';
 
 // ---- deterministic randomness ---------------------------------------------
@@ -402,7 +403,8 @@ export async function loadCase(base: Buffer, regions: Region[], seed: number, op
     }
     const bad = badFailure(r);
     if (bad) return { ...o, result: 'fail', why: bad };
-    if (CHECKED_BEFORE_STREAMING.has(m.kind) && r.stdout.length > 0) {
+    // Refused before streaming: the consumer gets the refusal notice and nothing else.
+    if (CHECKED_BEFORE_STREAMING.has(m.kind) && r.stdout.length > 0 && !isRefusalNotice(r.stdout)) {
       return { ...o, result: 'fail', why: `exit 1 after ${r.stdout.length} bytes on stdout (damage in ${m.kind} is detectable before streaming)` };
     }
     return o;

@@ -3,18 +3,21 @@
 // restore it, describe it. A thin layer over the library: argument parsing,
 // exit codes (0 ok, 1 runtime failure, 2 usage), progress and one-line errors.
 import minimist from 'minimist';
-import { readFileSync } from 'node:fs';
+import { readFileSync, fstatSync, writeSync } from 'node:fs';
 import { isatty } from 'node:tty';
 import { setFlagsFromString } from 'node:v8';
 import { QemuSnapError } from '../src/errors';
 import { UsageError, parseSize } from '../src/util/size';
-import { ProgressLine } from '../src/util/progress';
+import { ProgressLine, ProgressMode } from '../src/util/progress';
+import { saveProgress, loadProgress, verifyProgress } from '../src/snapshot/progress-state';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
 import { FdWriter, isPipe, makeNonBlocking } from '../src/util/fd-writer';
 import { native } from '../src/util/native';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
+import { formatBytes } from '../src/util/size';
+import { REFUSAL_NOTICE } from '../src/snapshot/refusal';
 
 // The per-page records die young: a smaller young generation (V8's default
 // lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
@@ -32,11 +35,50 @@ function stdout(): NodeJS.WriteStream {
       // failure (an interrupt, a bad image), which main() reports.
       if (!/^E[A-Z0-9]+$/.test(String((err as NodeJS.ErrnoException).code))) return;
       // A closed stdout (EPIPE) must end the run with exit 1, not a crash.
-      process.stderr.write(`qemu-snap: stdout: ${(err as NodeJS.ErrnoException).code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}\n`);
+      const code = (err as NodeJS.ErrnoException).code;
+      process.stderr.write(`qemu-snap: ${loadStreamBytes && isReaderGone(code) ? destinationClosed(loadStreamBytes(), code) : `stdout: ${code === 'EPIPE' ? 'the reader closed the pipe (EPIPE)' : err.message}`}\n`);
       process.exit(1);
     });
   }
   return process.stdout;
+}
+
+/**
+ * While `load` runs with a consumer (a pipe or a socket) on stdout: how many
+ * stream bytes went out. A load that fails before the first byte sends the
+ * consumer the refusal notice (src/snapshot/refusal.ts), so a destination
+ * QEMU fails at once instead of waiting for ever.
+ */
+let loadStreamBytes: (() => number) | null = null;
+
+/** A pipe or a socket: something that reads what we write as it comes, not a file. */
+function isConsumer(fd: number): boolean {
+  try {
+    const st = fstatSync(fd);
+    return st.isFIFO() || st.isSocket();
+  } catch {
+    return false;
+  }
+}
+
+function isReaderGone(code: unknown): boolean {
+  return code === 'EPIPE' || code === 'ECONNRESET';
+}
+
+/** What to say when the consumer of load's stream went away. */
+function destinationClosed(bytes: number, code: unknown): string {
+  return `the destination closed the stream after ${formatBytes(bytes)} (${String(code)} on stdout): a destination QEMU logs its reason on its stderr or log (e.g. "Size mismatch" for a different -m, "Machine type received is ..." for another -machine)`;
+}
+
+/** A failed load owes a consumer that got nothing the refusal notice. */
+function refuseConsumer(): void {
+  if (!loadStreamBytes || loadStreamBytes() > 0) return;
+  loadStreamBytes = null;
+  try {
+    writeSync(1, REFUSAL_NOTICE);
+  } catch {
+    // The consumer is gone or its pipe is full: it will not wait on us.
+  }
 }
 
 const USAGE = `usage:
@@ -70,6 +112,11 @@ interface CommonFlags {
   progress: boolean;
 }
 
+/** In place on a terminal; plain lines every few seconds into a file or a pipe. */
+function progressMode(common: CommonFlags): ProgressMode {
+  return !common.progress ? 'off' : process.stderr.isTTY === true ? 'tty' : 'lines';
+}
+
 function fail(message: string): never {
   throw new UsageError(message);
 }
@@ -96,7 +143,8 @@ function parse(argv: string[], spec: { string?: string[]; boolean?: string[]; al
   });
   const common: CommonFlags = {
     quiet: args.quiet === true,
-    progress: args.progress === undefined ? process.stderr.isTTY === true : args.progress === true,
+    // minimist gives an absent boolean false, not undefined: look for the flag itself.
+    progress: argv.some((a) => /^--(no-)?progress$/.test(a)) ? args.progress === true : process.stderr.isTTY === true,
   };
   if (common.quiet) common.progress = false;
   return { args, common };
@@ -186,6 +234,7 @@ async function cmdSave(argv: string[]): Promise<void> {
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
   const inputPath = oneString(args.input, '--input');
   const fromStdin = inputPath === undefined || inputPath === '-';
+  if (fromStdin && isatty(0)) fail('refusing to read a migration stream from a terminal: run it under QEMU (migrate "exec:qemu-snap save IMAGE") or use --input FILE');
   // A 1 MiB pipe instead of 64 KiB: 16 times fewer sleeps and wake-ups between the writer and us.
   const pipeSize = fromStdin && isPipe(0) ? (enlargePipe(0) ?? undefined) : undefined;
   // A pipe is read on a worker thread in 1 MiB pieces: Node's own reads of
@@ -195,7 +244,7 @@ async function cmdSave(argv: string[]): Promise<void> {
     : isPipe(0) && process.env.QEMU_SNAP_PIPE_THREAD !== '0'
       ? (new FdReader(0, { pipeSize }) as unknown as NodeJS.ReadableStream)
       : process.stdin;
-  const progress = new ProgressLine(common.progress);
+  const progress = new ProgressLine('save', progressMode(common));
   const ac = abortOnSignals('save');
   try {
     const { saveSnapshot } = await import('../src/snapshot/save');
@@ -206,9 +255,10 @@ async function cmdSave(argv: string[]): Promise<void> {
       force: args.force === true,
       returnPath: stdout(),
       signal: ac.signal,
-      onProgress: (bytes, pages) => progress.update(bytes, pages),
+      onProgress: (bytes, _pages, summary) => progress.update(saveProgress(bytes, summary)),
     });
-    progress.done(r.streamBytes, r.pageRecords);
+    // The final line: no stage (the stream is complete, whatever pass it was in).
+    progress.done({ ...saveProgress(r.streamBytes, r), stage: undefined });
     stats = { cmd: 'save', streamBytes: r.streamBytes, dataPages: r.dataPages };
     if (!common.quiet) {
       process.stderr.write(`qemu-snap: saved ${r.imagePath}: ${r.dataPages} data pages, ${r.blocks.length} RAM blocks, ${r.deviceStateLength} bytes of device state\n`);
@@ -222,6 +272,8 @@ async function cmdSave(argv: string[]): Promise<void> {
 }
 
 async function cmdLoad(argv: string[]): Promise<void> {
+  // Set before the arguments are parsed: a usage error is a refusal too.
+  if (isConsumer(1)) loadStreamBytes = () => 0;
   const { args, common } = parse(argv, {
     string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
     boolean: ['verify'],
@@ -240,33 +292,42 @@ async function cmdLoad(argv: string[]): Promise<void> {
     postcopy = Number(pctArg);
   }
   const outputPath = oneString(args.output, '--output');
+  if (outputPath !== undefined) loadStreamBytes = null;
+  // Postcopy talks with the destination both ways: a file cannot answer.
+  if (postcopy !== undefined && outputPath !== undefined) fail('--postcopy needs the destination QEMU on stdout and its return path on stdin: it cannot write to a file (--output)');
+  if (postcopy !== undefined && !isatty(1) && !isConsumer(1)) fail('--postcopy needs the destination QEMU on stdout (a pipe or a socket, as -incoming "exec:..." gives) and its return path on stdin: stdout is a file');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   if (outputPath === undefined && isPipe(1)) {
     enlargePipe(1);
     // Written synchronously: a full pipe must give EAGAIN, not a sleep no signal ends.
     makeNonBlocking(1);
   }
-  const progress = new ProgressLine(common.progress);
+  const progress = new ProgressLine('load', progressMode(common));
   const ac = abortOnSignals('load');
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
+    // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
+    const out = outputPath !== undefined ? undefined : isPipe(1) ? new FdWriter(1) : stdout();
+    if (out && loadStreamBytes) loadStreamBytes = () => out.bytesWritten;
     const r = await loadSnapshot(image, {
       output: outputPath,
-      // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
-      stdout: outputPath !== undefined ? undefined : isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
+      stdout: out as NodeJS.WritableStream | undefined,
       pageSize,
       maxInFlight,
       postcopy,
       verify: args.verify !== false,
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,
-      onProgress: (bytes, pages) => progress.update(bytes, pages),
+      onProgress: (bytes, _pages, state) => progress.update(loadProgress(bytes, state)),
     });
-    progress.done(r.streamBytes, r.dataPagesSent);
+    progress.done(loadProgress(r.streamBytes, r));
     stats = { cmd: 'load', streamBytes: r.streamBytes, dataPages: r.dataPagesSent, requests: r.requests };
     if (!common.quiet && outputPath !== undefined) process.stderr.write(`qemu-snap: wrote ${r.streamBytes} bytes of stream to ${outputPath}\n`);
   } catch (err) {
     progress.clear();
+    // A destination that stopped reading has a reason of its own, which it logs.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (loadStreamBytes && isReaderGone(code)) throw new QemuSnapError(destinationClosed(loadStreamBytes(), code));
     throw err;
   }
 }
@@ -285,7 +346,21 @@ async function cmdVerify(argv: string[]): Promise<void> {
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to check)');
   const { verifySnapshot } = await import('../src/snapshot/verify');
-  const r = await verifySnapshot(image);
+  const progress = new ProgressLine('verify', progressMode(common));
+  let last: Parameters<typeof verifyProgress> = [0, 0, 0, 0];
+  let r: Awaited<ReturnType<typeof verifySnapshot>>;
+  try {
+    r = await verifySnapshot(image, {
+      onProgress: (...figures) => {
+        last = figures;
+        progress.update(verifyProgress(...figures));
+      },
+    });
+  } catch (err) {
+    progress.clear();
+    throw err;
+  }
+  if (last[1] > 0) progress.done(verifyProgress(...last));
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 
@@ -318,7 +393,9 @@ async function main(argv: string[]): Promise<number> {
     }
     return 0;
   } catch (err) {
-    return report(err);
+    const code = report(err);
+    if (cmd === 'load') refuseConsumer();
+    return code;
   }
 }
 

@@ -25,6 +25,7 @@ export type { SaveOptions, SaveResult } from './snapshot/save';
 export { LoadEncoder } from './snapshot/load-encoder';
 export type { LoadEncoderOptions } from './snapshot/load-encoder';
 export { loadSnapshot, LoadError } from './snapshot/load';
+export { REFUSAL_NOTICE, isRefusalNotice } from './snapshot/refusal';
 export type { LoadOptions, LoadResult } from './snapshot/load';
 export { openSnapshot, parseRecords } from './snapshot/snapshot-image';
 export type { SnapshotContents } from './snapshot/snapshot-image';

@@ -5,8 +5,9 @@ import { pumpAsync } from '../util/pump';
 import { MigrationFramer } from '../migration/framer';
 import type { MigrationRecord } from '../migration/records';
 import { InputGate } from './input-gate';
-import { openSnapshot } from './snapshot-image';
+import { openSnapshot, namePath } from './snapshot-image';
 import { formatBytes } from '../util/size';
+import { restoreRecipe, formatRecipe, RestoreRecipe } from './recipe';
 
 export interface DeviceInfo {
   name: string;
@@ -35,6 +36,8 @@ export interface StreamInfo {
   deviceStateBytes: number;
   vmdescriptionBytes: number;
   totalBytes: number;
+  /** What a destination QEMU needs to take this stream (src/snapshot/recipe.ts). */
+  restore: RestoreRecipe;
 }
 
 export interface ImageInfo {
@@ -48,6 +51,8 @@ export interface ImageInfo {
   deviceStateBytes: number;
   devices: DeviceInfo[];
   qcow2: { clusterSize: number; virtualSize: number; vmStateOffset: number; allocatedBytes: number; fileBytes: number };
+  /** What a destination QEMU needs to take this image (src/snapshot/recipe.ts). */
+  restore: RestoreRecipe;
 }
 
 export type Info = StreamInfo | ImageInfo;
@@ -60,7 +65,9 @@ export async function describeFile(file: string): Promise<Info> {
   let magic = -1;
   try {
     const b = Buffer.alloc(4);
-    const { bytesRead } = await fh.read(b, 0, 4, 0);
+    const { bytesRead } = await fh.read(b, 0, 4, 0).catch((err: unknown) => {
+      throw namePath(err, file);
+    });
     if (bytesRead === 4) magic = b.readUInt32BE(0);
   } finally {
     await fh.close();
@@ -70,7 +77,7 @@ export async function describeFile(file: string): Promise<Info> {
 }
 
 export async function describeStream(input: NodeJS.ReadableStream, file: string): Promise<StreamInfo> {
-  const info: StreamInfo = {
+  const info: Omit<StreamInfo, 'restore'> = {
     kind: 'stream',
     file,
     machine: null,
@@ -84,6 +91,7 @@ export async function describeStream(input: NodeJS.ReadableStream, file: string)
     vmdescriptionBytes: 0,
     totalBytes: 0,
   };
+  let vmdescription: unknown = null;
   const gate = new InputGate(input);
   const framer = new MigrationFramer();
   const sink = new Writable({
@@ -114,6 +122,7 @@ export async function describeStream(input: NodeJS.ReadableStream, file: string)
           info.deviceStateBytes += r.data.length;
           break;
         case 'vmdescription':
+          vmdescription = r.json;
           info.devices = devicesOf(r.json);
           info.vmdescriptionBytes = r.raw.length;
           break;
@@ -123,23 +132,25 @@ export async function describeStream(input: NodeJS.ReadableStream, file: string)
   });
   await pumpAsync(gate, framer, sink);
   info.totalBytes = gate.bytes;
-  return info;
+  return { ...info, restore: restoreRecipe(file, 'stream', info.machine, info.ramBlocks, info.devices, vmdescription) };
 }
 
 export async function describeImage(file: string): Promise<ImageInfo> {
   const snap = await openSnapshot(file);
   try {
     const st = await fsp.stat(file);
+    const devices = devicesOf(snap.vmdescription);
+    const machine = snap.configuration?.machine ?? null;
     return {
       kind: 'image',
       file,
-      machine: snap.configuration?.machine ?? null,
+      machine,
       pageSize: snap.header.pageSize,
       ramBlocks: snap.blocks.map((b) => ({ id: b.id, length: b.length, offset: b.offset })),
       pages: { normal: snap.header.dataPages },
       leaderBytes: snap.leader.length,
       deviceStateBytes: snap.deviceState.length,
-      devices: devicesOf(snap.vmdescription),
+      devices,
       qcow2: {
         clusterSize: snap.image.clusterSize,
         virtualSize: snap.image.virtualSize,
@@ -147,6 +158,7 @@ export async function describeImage(file: string): Promise<ImageInfo> {
         allocatedBytes: snap.image.allocatedBytes(),
         fileBytes: st.size,
       },
+      restore: restoreRecipe(file, 'image', machine, snap.blocks, devices, snap.vmdescription),
     };
   } finally {
     await snap.image.close();
@@ -197,5 +209,6 @@ export function formatInfo(info: Info): string {
     lines.push(deviceLine(info.devices));
     lines.push(`qcow2: cluster size ${info.qcow2.clusterSize}, virtual size ${info.qcow2.virtualSize}, VM state at 0x${info.qcow2.vmStateOffset.toString(16)}`);
   }
+  lines.push(...formatRecipe(info.restore));
   return lines.join('\n') + '\n';
 }

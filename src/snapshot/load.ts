@@ -46,17 +46,29 @@ export interface LoadOptions {
   /** The destination's return path (stdin under exec:); required for postcopy. */
   returnPath?: NodeJS.ReadableStream;
   signal?: AbortSignal;
-  onProgress?(bytes: number, pages: number): void;
+  /** Every ~200 ms: stream bytes, data pages sent, and where the load stands. */
+  onProgress?(bytes: number, pages: number, state: LoadProgress): void;
   /** Check RAM against the image's digests (default true when it has them). */
   verify?: boolean;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
 }
 
-export interface LoadResult {
-  streamBytes: number;
+/** Where a load stands: every page goes out once, as data or as a ZERO record. */
+export interface LoadProgress {
+  pageSize: number;
+  /** Pages of all RAM blocks. */
+  totalPages: number;
+  /** Data pages in the image. */
+  dataPages: number;
   dataPagesSent: number;
   zeroPagesSent: number;
+  /** Postcopy: the destination runs and pages in the rest; page requests served so far. */
+  postcopy?: { switched: boolean; requests: number };
+}
+
+export interface LoadResult extends LoadProgress {
+  streamBytes: number;
   /** Postcopy only: page requests served, with their latency (request → pages handed to the pipe). */
   requests?: { count: number; latenciesMs: number[] };
 }
@@ -305,7 +317,16 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   const onAbort = () => stop(new LoadError(`load interrupted (${String(opts.signal?.reason ?? 'aborted')})`));
   if (opts.signal?.aborted) onAbort();
   opts.signal?.addEventListener('abort', onAbort);
-  const progress = setInterval(() => opts.onProgress?.(encoder.bytesOut, encoder.dataPagesSent), 200);
+  const totalPages = snap.blocks.reduce((n, b) => n + Math.ceil(b.length / ps), 0);
+  const standing = (): LoadProgress => ({
+    pageSize: ps,
+    totalPages,
+    dataPages: snap.header.dataPages,
+    dataPagesSent: encoder.dataPagesSent,
+    zeroPagesSent: encoder.zeroPagesSent,
+    postcopy: postcopy ? { switched, requests: latencies.length } : undefined,
+  });
+  const progress = setInterval(() => opts.onProgress?.(encoder.bytesOut, encoder.dataPagesSent, standing()), 200);
 
   try {
     if (direct && pump) {
@@ -331,9 +352,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       if (shutStatus !== 0) throw new LoadError(`the destination reported a failed migration (SHUT status ${shutStatus})`);
     }
     return {
+      ...standing(),
       streamBytes: encoder.bytesOut,
-      dataPagesSent: encoder.dataPagesSent,
-      zeroPagesSent: encoder.zeroPagesSent,
       requests: postcopy ? { count: latencies.length, latenciesMs: latencies } : undefined,
     };
   } finally {

@@ -47,7 +47,8 @@ export interface SaveOptions {
   returnPath?: NodeJS.WritableStream;
   /** How long the input must be quiet, with a complete tail, before a return-path source is deemed done. */
   quietMs?: number;
-  onProgress?(bytes: number, pages: number): void;
+  /** Every ~50 ms: stream bytes, PAGE records, and what the writer knows (RAM covered, re-sends). */
+  onProgress?(bytes: number, pages: number, summary: SnapshotSummary): void;
   /** Record RAM digests (default true). */
   digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
@@ -217,7 +218,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // nothing more came for a while.
   const quietMs = opts.quietMs ?? 300;
   const watch = setInterval(() => {
-    opts.onProgress?.(gate.bytes, writer.summary().pageRecords);
+    if (opts.onProgress) {
+      const summary = writer.summary();
+      opts.onProgress(gate.bytes, summary.pageRecords, summary);
+    }
     if (!returnPathOpen) return;
     const quiet = Date.now() - gate.lastDataAt;
     if (quiet < quietMs) return;

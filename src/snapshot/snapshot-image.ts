@@ -35,13 +35,28 @@ export interface SnapshotContents {
 const MAX_STATE_BYTES = 256 << 20;
 
 export async function openSnapshot(path: string): Promise<SnapshotContents> {
-  const image = await Qcow2Image.open(path, { writable: false });
+  const image = await Qcow2Image.open(path, { writable: false }).catch((err: unknown) => {
+    throw namePath(err, path);
+  });
   try {
     return await readContents(path, image);
   } catch (err) {
     await image.close().catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * A system error from opening or reading `path` that does not say which
+ * file (a read(2) on a directory: "illegal operation on a directory, read")
+ * gets the path; a directory gets a sentence of its own.
+ */
+export function namePath(err: unknown, path: string): unknown {
+  const e = err as NodeJS.ErrnoException;
+  if (!e || typeof e.code !== 'string') return err;
+  if (e.code === 'EISDIR') return new SnapshotFormatError(path, 'is a directory, not a snapshot image');
+  if (e.path === undefined) e.path = path;
+  return err;
 }
 
 async function readContents(path: string, image: Qcow2Image): Promise<SnapshotContents> {

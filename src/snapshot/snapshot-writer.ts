@@ -64,6 +64,10 @@ export interface SnapshotSummary {
   /** PAGE and ZERO records seen (QEMU's ram.normal and ram.duplicate). */
   pageRecords: number;
   zeroRecords: number;
+  /** Distinct pages that got a PAGE or ZERO record: the rest of the records are re-sends. */
+  coveredPages: number;
+  /** Pages of all RAM blocks (from MEM_SIZE). */
+  totalPages: number;
   ramSectionOffset: number;
   leaderLength: number;
   deviceStateLength: number;
@@ -77,6 +81,8 @@ interface BlockState {
   layout: RamBlockLayout;
   /** One bit per page: set while the page holds data on disk. */
   dataBits: PageBits;
+  /** One bit per page: set once the page got any record (progress: covered vs re-sent). */
+  seenBits: PageBits;
 }
 
 export class SnapshotWriter extends Transform {
@@ -93,6 +99,8 @@ export class SnapshotWriter extends Transform {
   private dataPages = 0;
   private pageRecords = 0;
   private zeroRecords = 0;
+  private coveredPages = 0;
+  private totalPages = 0;
   private sawEof = false;
   private returnPath = false;
 
@@ -160,6 +168,8 @@ export class SnapshotWriter extends Transform {
       dataPages: this.dataPages,
       pageRecords: this.pageRecords,
       zeroRecords: this.zeroRecords,
+      coveredPages: this.coveredPages,
+      totalPages: this.totalPages,
       ramSectionOffset: this.ramSectionOffset,
       leaderLength: this.leaderLength,
       deviceStateLength: this.deviceStateLength,
@@ -237,7 +247,8 @@ export class SnapshotWriter extends Transform {
     if (this.phase !== 'leader') return cb(new SnapshotSaveError(rec.offset, 'MEM_SIZE record after the RAM setup section'));
     const { blocks, virtualSize } = layoutRamBlocks(rec.blocks.map((b) => ({ id: b.id, length: b.length })));
     const pages = (len: number) => Math.ceil(len / this.pageSize);
-    this.blockStates = blocks.map((layout) => ({ layout, dataBits: new PageBits(pages(layout.length)) }));
+    this.blockStates = blocks.map((layout) => ({ layout, dataBits: new PageBits(pages(layout.length)), seenBits: new PageBits(pages(layout.length)) }));
+    this.totalPages = blocks.reduce((n, b) => n + pages(b.length), 0);
     this.virtualSize = virtualSize;
     this.appendLeader(rec);
     this.opts.prepareImage(virtualSize, blocks).then(
@@ -340,6 +351,7 @@ export class SnapshotWriter extends Transform {
   private storePage(blockIndex: number, address: number, src: Buffer, start: number): void {
     const st = this.blockStates[blockIndex];
     const page = this.pageOf(address);
+    if (st.seenBits.add(page)) this.coveredPages++;
     if (st.dataBits.add(page)) this.dataPages++;
     this.putPage(st.layout.offset + address, src, start);
   }
@@ -347,6 +359,7 @@ export class SnapshotWriter extends Transform {
   private storeZero(blockIndex: number, address: number): void {
     const st = this.blockStates[blockIndex];
     const page = this.pageOf(address);
+    if (st.seenBits.add(page)) this.coveredPages++;
     // A page never written is already zero on disk (unallocated, or a fresh
     // cluster): nothing to do. One that holds data must be overwritten.
     if (!st.dataBits.delete(page)) return;

@@ -17,7 +17,12 @@ export interface VerifyResult {
 const CHUNKS_IN_FLIGHT = 3;
 
 /** Verifies every chunk of the virtual disk against the image's digest table. */
-export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigester, signal?: AbortSignal): Promise<{ chunks: number; dataPages: number }> {
+export async function verifyChunks(
+  snap: SnapshotContents,
+  digester: ChunkDigester,
+  signal?: AbortSignal,
+  onChunk?: (checkedBytes: number, readBytes: number, dataPages: number) => void,
+): Promise<{ chunks: number; dataPages: number }> {
   const table = snap.digests;
   if (!table) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
   const size = snap.image.virtualSize;
@@ -25,6 +30,8 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
   const zeros = await createChunkHasher(table.algorithm);
   let next = 0;
   let dataPages = 0;
+  let checked = 0;
+  let read = 0;
   const worker = async (): Promise<void> => {
     while (next < table.chunks.length) {
       if (signal?.aborted) throw new QemuSnapError('verification interrupted');
@@ -38,12 +45,15 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
         const d = await digester.digest(await snap.image.read(offset, length));
         crc = d.crc;
         dataPages += d.dataPages;
+        read += length;
       } else {
         crc = zeros.zeroChunk(length);
       }
       if (crc !== table.chunks[c]) {
         throw new DigestMismatchError(`${snap.path}: RAM digest mismatch ${where(snap, offset)} (chunk ${c}): the image is damaged`);
       }
+      checked += length;
+      onChunk?.(checked, read, dataPages);
     }
   };
   await Promise.all(Array.from({ length: CHUNKS_IN_FLIGHT }, worker));
@@ -57,7 +67,7 @@ export function where(snap: SnapshotContents, offset: number): string {
 }
 
 /** `qemu-snap verify`: structure (open checks everything load checks) and, when present, every digest. */
-export async function verifySnapshot(path: string): Promise<VerifyResult> {
+export async function verifySnapshot(path: string, opts: { onProgress?(checkedBytes: number, totalBytes: number, readBytes: number, dataPages: number): void } = {}): Promise<VerifyResult> {
   const snap = await openSnapshot(path);
   try {
     if (!snap.digests) {
@@ -65,7 +75,8 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
     }
     const digester = new ChunkDigester(snap.header.pageSize, snap.digests.algorithm);
     try {
-      const r = await verifyChunks(snap, digester);
+      const total = snap.image.virtualSize;
+      const r = await verifyChunks(snap, digester, undefined, opts.onProgress && ((checked, read, pages) => opts.onProgress?.(checked, total, read, pages)));
       if (r.dataPages !== snap.header.dataPages) {
         throw new DigestMismatchError(`${path}: the image holds ${r.dataPages} data pages, its STVM header says ${snap.header.dataPages}`);
       }
