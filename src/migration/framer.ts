@@ -279,9 +279,12 @@ export class MigrationFramer extends Transform {
 
   private ramSectionId = -1;
   private ramEnded = false;
+  /** The device state followed a RAM PART without any END: a background-snapshot stream. */
+  private ramEndedByDeviceState = false;
   private inRamStart = false;
   private inRamEnd = false;
   private memSizeSeen = false;
+  private sawRamPart = false;
   private blocks: RamBlockInfo[] = [];
   private blockIds: Buffer[] = [];
   private lastBlock: RamBlockInfo | null = null;
@@ -314,6 +317,17 @@ export class MigrationFramer extends Transform {
   /** RAM blocks announced so far by MEM_SIZE. */
   get ramBlocks(): readonly RamBlockInfo[] {
     return this.blocks;
+  }
+
+  /**
+   * True once the device state has begun straight after a RAM PART section,
+   * with no SECTION_END of ram: QEMU's background-snapshot layout
+   * (bg_migration_thread in migration.c writes the setup and iteration
+   * sections only, then appends the device state it buffered when the
+   * snapshot started).
+   */
+  get backgroundSnapshot(): boolean {
+    return this.ramEndedByDeviceState;
   }
 
   /** Target page size in use (from the stream's configuration, or the option). */
@@ -581,7 +595,15 @@ export class MigrationFramer extends Transform {
     if (token === Token.SECTION_FULL) {
       if (idstr === 'ram') this.fail(offset, 'ram sent as a SECTION_FULL');
       if (!this.ramEnded) {
-        this.fail(offset, `device section "${printable(idstr, 64)}" arrives before the end of the ram section`);
+        // A background snapshot never ENDs the ram section: its last PART
+        // (which held the last page) is followed by the device state that
+        // was captured when the snapshot began. Anything else is a stream
+        // that lost its RAM.
+        if (this.ramSectionId < 0 || !this.memSizeSeen || !this.sawRamPart) {
+          this.fail(offset, `device section "${printable(idstr, 64)}" arrives before the end of the ram section`);
+        }
+        this.ramEndedByDeviceState = true;
+        this.ramEnded = true;
       }
       // Device sections carry no length: from here on everything is opaque.
       this.state = State.Device;
@@ -611,6 +633,7 @@ export class MigrationFramer extends Transform {
     if (this.ramEnded) this.fail(offset, `SECTION_${kind} after the END of section ram`);
     q.skip(5);
     this.inRamEnd = token === Token.SECTION_END;
+    this.sawRamPart = true;
     this.push({ type: token === Token.SECTION_PART ? 'section-part' : 'section-end', offset, sectionId, idstr: 'ram' });
     this.state = State.RamBody;
     return true;
