@@ -356,7 +356,7 @@ test('background-snapshot layout: device state right after a ram PART (no END) i
   const framer = new MigrationFramer();
   const records: string[] = [];
   await new Promise<void>((resolve, reject) => {
-    framer.on('data', (r: { type: string }) => records.push(r.type));
+    framer.on('data', (r: unknown) => records.push((r as { type: string }).type));
     framer.on('error', reject);
     framer.on('end', resolve);
     framer.end(input);
