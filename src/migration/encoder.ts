@@ -1,6 +1,7 @@
 import { Transform } from 'streamx';
 import { QEMU_VM_FILE_MAGIC, RamFlag, Token } from './constants';
 import type { MigrationRecord, RamBlockInfo } from './records';
+import { ENCODING_FLAG_XBZRLE } from './xbzrle';
 
 const TWO32 = 4294967296;
 
@@ -33,7 +34,7 @@ export function ramRecordHeaderLength(idstr: Buffer | null): number {
  * RamFlag.EOS. The caller writes the page (PAGE) or the fill byte (ZERO).
  */
 export function writeRamRecordHeader(buf: Buffer, pos: number, address: number, flags: number, idstr: Buffer | null): number {
-  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO)) !== 0 ? flags | RamFlag.CONTINUE : flags;
+  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO | RamFlag.XBZRLE)) !== 0 ? flags | RamFlag.CONTINUE : flags;
   const hi = Math.floor(address / TWO32);
   buf.writeUInt32BE(hi >>> 0, pos);
   buf.writeUInt32BE(((address - hi * TWO32) + f) >>> 0, pos + 4);
@@ -164,6 +165,15 @@ function writeFixed(r: MigrationRecord, buf: Buffer | null): number {
       }
       return ramRecordHeaderLength(id) + 1;
     }
+    case 'ram-xbzrle': {
+      const id = r.continued ? null : blockIdBytes(r.block);
+      if (buf) {
+        const p = writeRamRecordHeader(buf, 0, r.address, RamFlag.XBZRLE, id);
+        buf[p] = ENCODING_FLAG_XBZRLE;
+        buf.writeUInt16BE(r.delta.length, p + 1);
+      }
+      return ramRecordHeaderLength(id) + 3;
+    }
     case 'ram-eos':
       if (buf) writeRamEos(buf, 0);
       return 8;
@@ -186,6 +196,8 @@ function payloadOf(r: MigrationRecord): Buffer | null {
     case 'ram-page':
     case 'device-state':
       return r.data;
+    case 'ram-xbzrle':
+      return r.delta;
     case 'vmdescription':
       return r.raw;
     default:

@@ -10,6 +10,7 @@ import {
   Token,
 } from './constants';
 import { StreamFormatError } from './errors';
+import { ENCODING_FLAG_XBZRLE } from './xbzrle';
 import { printable } from '../util/text';
 import type {
   ConfigurationSubsection,
@@ -740,13 +741,55 @@ export class MigrationFramer extends Transform {
         case RamFlag.MEM_SIZE:
           if (!this.parseMemSize(hi, lo, flags)) return false;
           continue;
+        case RamFlag.XBZRLE:
+          if (!this.parseXbzrle(hi, lo, flags)) return false;
+          continue;
         default:
-          if (base & RamFlag.XBZRLE) this.fail(offset, 'XBZRLE pages are not supported (disable the xbzrle capability)', 'ram');
           if (base & RamFlag.COMPRESS_PAGE) this.fail(offset, 'compressed pages are not supported (disable the compress capability)', 'ram');
           if (base & RamFlag.HOOK) this.fail(offset, 'RDMA hook records are not supported', 'ram');
           this.fail(offset, `invalid RAM flag combination 0x${flags.toString(16)}`, 'ram');
       }
     }
+  }
+
+  /**
+   * RAM_SAVE_FLAG_XBZRLE (save_xbzrle_page / load_xbzrle in ram.c): the page
+   * header, u8 ENCODING_FLAG_XBZRLE, be16 length (at most one page), the
+   * delta. The delta itself is applied by whoever holds the old page.
+   */
+  private parseXbzrle(hi: number, lo: number, flags: number): boolean {
+    const q = this.q;
+    const offset = q.consumed;
+    const continued = (flags & RamFlag.CONTINUE) !== 0;
+    let block: RamBlockInfo;
+    let rel = 8;
+    if (continued) {
+      if (this.lastBlock === null) this.fail(offset, 'XBZRLE page with CONTINUE but no previous block', 'ram');
+      block = this.lastBlock;
+    } else {
+      if (q.available < 9) return false;
+      const n = q.byteAt(8);
+      if (q.available < 9 + n) return false;
+      block = this.lookupBlock(n, offset);
+      rel = 9 + n;
+    }
+    const address = hi * TWO32 + (lo - flags);
+    if (address + this.pageSize > block.length) {
+      this.fail(offset, `XBZRLE page at 0x${address.toString(16)} is past the end of block "${printable(block.id, 64)}" (length 0x${block.length.toString(16)})`, 'ram');
+    }
+    if (q.available < rel + 3) return false;
+    const encoding = q.byteAt(rel);
+    if (encoding !== ENCODING_FLAG_XBZRLE) {
+      this.fail(offset + rel, `XBZRLE page with encoding flag 0x${encoding.toString(16).padStart(2, '0')} (expected 0x01)`, 'ram');
+    }
+    const len = q.u16At(rel + 1);
+    if (len > this.pageSize) this.fail(offset + rel + 1, `XBZRLE delta of ${len} bytes is longer than a page (${this.pageSize})`, 'ram');
+    if (q.available < rel + 3 + len) return false;
+    q.skip(rel + 3);
+    const delta = q.take(len);
+    this.lastBlock = block;
+    this.push({ type: 'ram-xbzrle', offset, block, address, delta, continued });
+    return true;
   }
 
   /** Adds a record lying wholly in the head chunk to the run, starting a new run when it cannot join. */

@@ -101,6 +101,21 @@ export interface RamZeroRecord {
   continued: boolean;
 }
 
+/**
+ * RAM_SAVE_FLAG_XBZRLE: a delta against the last version of the page that
+ * was sent (the xbzrle capability). `delta` is the run-length data after
+ * the u8 encoding flag and the be16 length (checked by the framer).
+ */
+export interface RamXbzrleRecord {
+  type: 'ram-xbzrle';
+  offset: number;
+  block: RamBlockInfo;
+  address: number;
+  /** A view into the input chunk unless it straddled chunks. */
+  delta: Buffer;
+  continued: boolean;
+}
+
 export interface RamEosRecord {
   type: 'ram-eos';
   offset: number;
@@ -142,6 +157,7 @@ export type MigrationRecord =
   | RamMemSizeRecord
   | RamPageRecord
   | RamZeroRecord
+  | RamXbzrleRecord
   | RamEosRecord
   | RamMultifdFlushRecord
   | DeviceStateRecord

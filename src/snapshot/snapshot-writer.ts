@@ -9,7 +9,9 @@
 import { Transform } from 'streamx';
 import type { BlockWrite } from '../blockio';
 import { encodeRecord } from '../migration/encoder';
-import type { FramedRecord, MigrationRecord, RamPageRunRecord } from '../migration/records';
+import type { FramedRecord, MigrationRecord, RamPageRunRecord, RamXbzrleRecord } from '../migration/records';
+import { applyXbzrle, XbzrleDecodeError } from '../migration/xbzrle';
+import { printable } from '../util/text';
 import { Command } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { layoutRamBlocks, RamBlockLayout, VMSTATE_HEADER_SIZE, isValidPageSize } from './layout';
@@ -40,6 +42,14 @@ export interface SnapshotWriterOptions {
    * then copied and pushed, and so is every later one).
    */
   gather?: RunSink;
+  /**
+   * Reads the page at disk `offset` into `out` (returns null when it did so
+   * at once). Needed for XBZRLE pages, which patch the last version of a
+   * page: the writer calls it only once every write it pushed that overlaps
+   * the page has completed, so the caller must report every completed write
+   * through writeDone(). Without it XBZRLE pages are refused.
+   */
+  readPage?(offset: number, out: Buffer): Promise<void> | null;
 }
 
 /**
@@ -63,6 +73,8 @@ export interface SnapshotSummary {
   /** PAGE and ZERO records seen (QEMU's ram.normal and ram.duplicate). */
   pageRecords: number;
   zeroRecords: number;
+  /** XBZRLE records applied (QEMU's xbzrle-cache.pages). */
+  xbzrleRecords: number;
   ramSectionOffset: number;
   leaderLength: number;
   deviceStateLength: number;
@@ -92,6 +104,13 @@ export class SnapshotWriter extends Transform {
   private dataPages = 0;
   private pageRecords = 0;
   private zeroRecords = 0;
+  private xbzrleRecords = 0;
+  /** Pushed writes not yet reported done (only kept when readPage is given): disk ranges, in push order. */
+  private readonly inFlightStart: number[] = [];
+  private readonly inFlightEnd: number[] = [];
+  private inFlightHead = 0;
+  /** An XBZRLE page waiting for an overlapping write to complete. */
+  private waitingXbzrle: (() => void) | null = null;
   private sawEof = false;
   private returnPath = false;
 
@@ -149,6 +168,20 @@ export class SnapshotWriter extends Transform {
    */
   writeDone(w: BlockWrite): void {
     if (w.buffers.length === 1) this.pool.release(w.buffers[0]);
+    if (this.opts.readPage && this.inFlightHead < this.inFlightStart.length) {
+      // Completions come in push order (OrderedBlockWriter): the head is this write.
+      this.inFlightHead++;
+      if (this.inFlightHead > 1024 && this.inFlightHead * 2 > this.inFlightStart.length) {
+        this.inFlightStart.splice(0, this.inFlightHead);
+        this.inFlightEnd.splice(0, this.inFlightHead);
+        this.inFlightHead = 0;
+      }
+      const waiting = this.waitingXbzrle;
+      if (waiting) {
+        this.waitingXbzrle = null;
+        waiting();
+      }
+    }
   }
 
   summary(): SnapshotSummary {
@@ -159,6 +192,7 @@ export class SnapshotWriter extends Transform {
       dataPages: this.dataPages,
       pageRecords: this.pageRecords,
       zeroRecords: this.zeroRecords,
+      xbzrleRecords: this.xbzrleRecords,
       ramSectionOffset: this.ramSectionOffset,
       leaderLength: this.leaderLength,
       deviceStateLength: this.deviceStateLength,
@@ -190,6 +224,8 @@ export class SnapshotWriter extends Transform {
           this.zeroRecords++;
           this.storeZeroRecord(rec.block.index, rec.address, rec.fill);
           return cb(null);
+        case 'ram-xbzrle':
+          return this.storeXbzrle(rec, cb);
         case 'command':
           if (rec.command === Command.OPEN_RETURN_PATH) this.returnPath = true;
           this.opts.onCommand?.(rec.command, rec.payload, rec.offset);
@@ -277,7 +313,89 @@ export class SnapshotWriter extends Transform {
   }
 
   override push(w: BlockWrite | null): boolean {
+    if (w !== null && this.opts.readPage) {
+      this.inFlightStart.push(w.offset);
+      this.inFlightEnd.push(w.offset + w.length);
+    }
     return super.push(w);
+  }
+
+  /**
+   * An XBZRLE delta: patch the page as last written (zeros if it holds no
+   * data) and store the result as an ordinary page. The old version is in
+   * the open run, or on disk once no pushed write overlapping it is still
+   * in flight.
+   */
+  private storeXbzrle(rec: RamXbzrleRecord, cb: (err: Error | null) => void): void {
+    if (!this.opts.readPage) return cb(new SnapshotSaveError(rec.offset, 'XBZRLE pages need an image to read back from'));
+    if (this.phase !== 'ram') return cb(new SnapshotSaveError(rec.offset, 'XBZRLE page outside the RAM sections'));
+    this.recordOffset = rec.offset;
+    const st = this.blockStates[rec.block.index];
+    const diskOffset = st.layout.offset + rec.address;
+    const page = Buffer.alloc(this.pageSize);
+    const apply = (): void => {
+      try {
+        applyXbzrle(page, rec.delta, 0, rec.delta.length);
+      } catch (err) {
+        if (!(err instanceof XbzrleDecodeError)) throw err;
+        throw new SnapshotSaveError(rec.offset, `bad XBZRLE delta for page 0x${rec.address.toString(16)} of block "${printable(rec.block.id, 64)}": ${err.message}`);
+      }
+      this.xbzrleRecords++;
+      this.storePage(rec.block.index, rec.address, page, 0);
+    };
+    try {
+      const p = this.pageOf(rec.address);
+      if ((st.dataBits[p >>> 3] & (1 << (p & 7))) === 0 || this.copyFromOpenRun(diskOffset, page)) {
+        apply();
+        return cb(null);
+      }
+    } catch (err) {
+      return cb(err as Error);
+    }
+    const read = (): void => {
+      let pending: Promise<void> | null;
+      try {
+        pending = this.opts.readPage!(diskOffset, page);
+      } catch (err) {
+        return cb(err as Error);
+      }
+      const done = (): void => {
+        try {
+          apply();
+          cb(null);
+        } catch (err) {
+          cb(err as Error);
+        }
+      };
+      if (pending === null) return done();
+      pending.then(done, (err: Error) => cb(err));
+    };
+    const whenSettled = (): void => {
+      if (this.overlapsInFlight(diskOffset, diskOffset + this.pageSize)) this.waitingXbzrle = whenSettled;
+      else read();
+    };
+    whenSettled();
+  }
+
+  /** The open run holds the page at diskOffset: copy it into out. */
+  private copyFromOpenRun(diskOffset: number, out: Buffer): boolean {
+    if (diskOffset < this.runOffset || diskOffset >= this.runOffset + this.runLength) return false;
+    const at = diskOffset - this.runOffset;
+    if (this.runOpen) {
+      const k = (at / this.pageSize) * 3;
+      this.segmentBuffers[this.segments[k]].copy(out, 0, this.segments[k + 1], this.segments[k + 1] + this.pageSize);
+      return true;
+    }
+    if (this.run === null) return false;
+    this.run.copy(out, 0, at, at + this.pageSize);
+    return true;
+  }
+
+  private overlapsInFlight(start: number, end: number): boolean {
+    for (let i = this.inFlightHead; i < this.inFlightStart.length; i++) {
+      if (this.inFlightStart[i] < end && start < this.inFlightEnd[i]) return true;
+    }
+    return false;
   }
 
   private endLeader(offset: number): void {
