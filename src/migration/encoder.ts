@@ -34,7 +34,7 @@ export function ramRecordHeaderLength(idstr: Buffer | null): number {
  * RamFlag.EOS. The caller writes the page (PAGE) or the fill byte (ZERO).
  */
 export function writeRamRecordHeader(buf: Buffer, pos: number, address: number, flags: number, idstr: Buffer | null): number {
-  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO | RamFlag.XBZRLE)) !== 0 ? flags | RamFlag.CONTINUE : flags;
+  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO | RamFlag.XBZRLE | RamFlag.COMPRESS_PAGE)) !== 0 ? flags | RamFlag.CONTINUE : flags;
   const hi = Math.floor(address / TWO32);
   buf.writeUInt32BE(hi >>> 0, pos);
   buf.writeUInt32BE(((address - hi * TWO32) + f) >>> 0, pos + 4);
@@ -174,6 +174,11 @@ function writeFixed(r: MigrationRecord, buf: Buffer | null): number {
       }
       return ramRecordHeaderLength(id) + 3;
     }
+    case 'ram-compressed': {
+      const id = r.continued ? null : blockIdBytes(r.block);
+      if (buf) buf.writeUInt32BE(r.data.length, writeRamRecordHeader(buf, 0, r.address, RamFlag.COMPRESS_PAGE, id));
+      return ramRecordHeaderLength(id) + 4;
+    }
     case 'ram-eos':
       if (buf) writeRamEos(buf, 0);
       return 8;
@@ -198,6 +203,8 @@ function payloadOf(r: MigrationRecord): Buffer | null {
       return r.data;
     case 'ram-xbzrle':
       return r.delta;
+    case 'ram-compressed':
+      return r.data;
     case 'vmdescription':
       return r.raw;
     default:

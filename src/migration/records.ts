@@ -116,6 +116,20 @@ export interface RamXbzrleRecord {
   continued: boolean;
 }
 
+/**
+ * RAM_SAVE_FLAG_COMPRESS_PAGE (QEMU ≤ 9.0, the compress capability): one
+ * page deflated with zlib (qemu_put_compression_data: be32 length, then a
+ * zlib stream). `data` is the zlib stream.
+ */
+export interface RamCompressedRecord {
+  type: 'ram-compressed';
+  offset: number;
+  block: RamBlockInfo;
+  address: number;
+  data: Buffer;
+  continued: boolean;
+}
+
 export interface RamEosRecord {
   type: 'ram-eos';
   offset: number;
@@ -158,6 +172,7 @@ export type MigrationRecord =
   | RamPageRecord
   | RamZeroRecord
   | RamXbzrleRecord
+  | RamCompressedRecord
   | RamEosRecord
   | RamMultifdFlushRecord
   | DeviceStateRecord

@@ -72,8 +72,15 @@ test('decoder: truncated runs, overlong runs, lengths beyond the page', () => {
   assert.match(decodeError([0, 1, 9, 0, 1, 9]).message, /empty zero run/);
 });
 
+/** Integers in [0, 2^32) from the shared float PRNG. */
+function intPrng(seed: number): () => number {
+  const f = prng(seed);
+  return () => Math.floor(f() * 4294967296);
+}
+
 test('decoder: random deltas round-trip', () => {
-  const rnd = prng(7);
+  const rnd = intPrng(7);
+  let decoded = 0;
   for (let n = 0; n < 200; n++) {
     const old = Buffer.alloc(PS);
     for (let i = 0; i < PS; i++) old[i] = rnd() & 0xff;
@@ -89,7 +96,9 @@ test('decoder: random deltas round-trip', () => {
     const out = Buffer.from(old);
     applyXbzrle(out, delta, 0, delta.length);
     assert.ok(out.equals(neu), `round trip ${n}`);
+    decoded++;
   }
+  assert.ok(decoded > 100, `most deltas fit a page (${decoded})`);
 });
 
 function be64(n: number): Buffer {
@@ -190,6 +199,60 @@ test('save: deltas apply to the page as last written (open run, written run, nev
   }
   assert.not.ok(fs.existsSync(badImage));
   assert.equal(fs.readdirSync(dir).filter((f) => f.includes('bad')), []);
+});
+
+test('compressed pages (QEMU 7.2 compress): inflated into place; bad zlib data and lengths beyond the bound fail with the offset', async () => {
+  const zlib = require('node:zlib') as typeof import('node:zlib');
+  const compressed = (b: StreamBuilder, address: number, block: string | null, data: Buffer): StreamBuilder => {
+    const flags = 0x100 | (block === null ? 0x20 : 0);
+    const id = block === null ? Buffer.alloc(0) : Buffer.concat([Buffer.from([block.length]), Buffer.from(block, 'latin1')]);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length, 0);
+    return b.raw(Buffer.concat([be64(address + flags), id, len, data]));
+  };
+  const rnd = intPrng(3);
+  const p5 = Buffer.alloc(PS);
+  for (let i = 0; i < PS; i += 7) p5[i] = rnd() & 0xff;
+  const start = () => new StreamBuilder().header().configuration().sectionStart(2).memSize(BLOCKS).eos().footer(2).sectionPart(2);
+  const b = compressed(compressed(start(), 5 * PS, 'pc.ram', zlib.deflateSync(p5)), 6 * PS, null, zlib.deflateSync(page(0x42), { level: 1 }));
+  b.eos().footer(2).sectionEnd(2).eos().footer(2).device(3, 'timer', Buffer.from([1])).eof();
+  const image = path.join(dir, 'z.qcow2');
+  const r = await saveSnapshot(Readable(b.build(), 333), image);
+  assert.is(r.compressedRecords, 2);
+  assert.is(r.dataPages, 2);
+  const snap = await openSnapshot(image);
+  try {
+    assert.ok((await snap.image.read(5 * PS, PS)).equals(p5));
+    assert.ok((await snap.image.read(6 * PS, PS)).equals(page(0x42)));
+  } finally {
+    await snap.image.close();
+  }
+  for (const [data, re] of [
+    [zlib.deflateSync(p5).subarray(0, 30), /zlib: unexpected end of file/],
+    [zlib.deflateSync(Buffer.alloc(100, 1)), /inflates to 100 bytes, not a page/],
+    [zlib.deflateSync(Buffer.alloc(2 * PS, 1)), /zlib: /],
+  ] as const) {
+    const bad = start();
+    const at = bad.length;
+    compressed(bad, 0, 'pc.ram', data).eos().footer(2).sectionEnd(2).eos().footer(2).device(3, 'timer', Buffer.from([1])).eof();
+    const out = path.join(dir, 'zbad.qcow2');
+    try {
+      await saveSnapshot(Readable(bad.build()), out);
+      assert.unreachable(`saved with ${data.length} bytes of zlib data`);
+    } catch (err) {
+      assert.match((err as Error).message, re, (err as Error).message);
+      assert.match((err as Error).message, new RegExp(`at stream byte ${at}\\)`));
+    }
+    assert.not.ok(fs.existsSync(out));
+  }
+  const long = start();
+  const at = long.length;
+  try {
+    await frame(compressed(long, 0, 'pc.ram', Buffer.alloc(4111)).build());
+    assert.unreachable();
+  } catch (err) {
+    assert.match((err as Error).message, new RegExp(`bad stream at byte ${at + 8 + 7}: compressed page of 4111 bytes is longer than zlib's bound for a page \\(4110\\)`));
+  }
 });
 
 function Readable(buf: Buffer, chunk = 999): NodeJS.ReadableStream {
