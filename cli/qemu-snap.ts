@@ -94,6 +94,10 @@ const USAGE = `usage:
       --max-in-flight N       block reads outstanding (default 8)
       --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
                               on demand (the destination needs the postcopy-ram capability)
+      --host-page-size [BLOCK=]SIZE[,...]
+                              the destination's host page size (hugepage-backed RAM) for
+                              postcopy, when the stream did not record it: for BLOCK, or
+                              for every block whose length is a multiple of SIZE
       --no-verify             do not check RAM against the image's digests
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
   qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
@@ -275,7 +279,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
   // Set before the arguments are parsed: a usage error is a refusal too.
   if (isConsumer(1)) loadStreamBytes = () => 0;
   const { args, common } = parse(argv, {
-    string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'host-page-size'],
     boolean: ['verify'],
     default: { verify: true },
     alias: { o: 'output', S: 'page-size' },
@@ -291,6 +295,13 @@ async function cmdLoad(argv: string[]): Promise<void> {
     if (!/^\d+(\.\d+)?$/.test(pctArg) || Number(pctArg) > 100) fail(`--postcopy: '${pctArg}' is not a percentage from 0 to 100`);
     postcopy = Number(pctArg);
   }
+  const hostArg = oneString(args['host-page-size'], '--host-page-size');
+  const hostPageSizes = hostArg === undefined
+    ? undefined
+    : hostArg.split(',').map((item) => {
+        const eq = item.lastIndexOf('=');
+        return eq < 0 ? { size: parseSize(item, '--host-page-size') } : { block: item.slice(0, eq), size: parseSize(item.slice(eq + 1), '--host-page-size') };
+      });
   const outputPath = oneString(args.output, '--output');
   if (outputPath !== undefined) loadStreamBytes = null;
   // Postcopy talks with the destination both ways: a file cannot answer.
@@ -315,6 +326,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
       pageSize,
       maxInFlight,
       postcopy,
+      hostPageSizes,
       verify: args.verify !== false,
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,

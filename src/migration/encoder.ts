@@ -1,6 +1,7 @@
 import { Transform } from 'streamx';
 import { QEMU_VM_FILE_MAGIC, RamFlag, Token } from './constants';
 import type { MigrationRecord, RamBlockInfo } from './records';
+import { ENCODING_FLAG_XBZRLE } from './xbzrle';
 
 const TWO32 = 4294967296;
 
@@ -33,7 +34,7 @@ export function ramRecordHeaderLength(idstr: Buffer | null): number {
  * RamFlag.EOS. The caller writes the page (PAGE) or the fill byte (ZERO).
  */
 export function writeRamRecordHeader(buf: Buffer, pos: number, address: number, flags: number, idstr: Buffer | null): number {
-  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO)) !== 0 ? flags | RamFlag.CONTINUE : flags;
+  const f = idstr === null && (flags & (RamFlag.PAGE | RamFlag.ZERO | RamFlag.XBZRLE | RamFlag.COMPRESS_PAGE)) !== 0 ? flags | RamFlag.CONTINUE : flags;
   const hi = Math.floor(address / TWO32);
   buf.writeUInt32BE(hi >>> 0, pos);
   buf.writeUInt32BE(((address - hi * TWO32) + f) >>> 0, pos + 4);
@@ -164,6 +165,20 @@ function writeFixed(r: MigrationRecord, buf: Buffer | null): number {
       }
       return ramRecordHeaderLength(id) + 1;
     }
+    case 'ram-xbzrle': {
+      const id = r.continued ? null : blockIdBytes(r.block);
+      if (buf) {
+        const p = writeRamRecordHeader(buf, 0, r.address, RamFlag.XBZRLE, id);
+        buf[p] = ENCODING_FLAG_XBZRLE;
+        buf.writeUInt16BE(r.delta.length, p + 1);
+      }
+      return ramRecordHeaderLength(id) + 3;
+    }
+    case 'ram-compressed': {
+      const id = r.continued ? null : blockIdBytes(r.block);
+      if (buf) buf.writeUInt32BE(r.data.length, writeRamRecordHeader(buf, 0, r.address, RamFlag.COMPRESS_PAGE, id));
+      return ramRecordHeaderLength(id) + 4;
+    }
     case 'ram-eos':
       if (buf) writeRamEos(buf, 0);
       return 8;
@@ -185,6 +200,10 @@ function payloadOf(r: MigrationRecord): Buffer | null {
   switch (r.type) {
     case 'ram-page':
     case 'device-state':
+      return r.data;
+    case 'ram-xbzrle':
+      return r.delta;
+    case 'ram-compressed':
       return r.data;
     case 'vmdescription':
       return r.raw;

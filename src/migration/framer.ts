@@ -10,6 +10,7 @@ import {
   Token,
 } from './constants';
 import { StreamFormatError } from './errors';
+import { ENCODING_FLAG_XBZRLE } from './xbzrle';
 import { printable } from '../util/text';
 import type {
   ConfigurationSubsection,
@@ -32,6 +33,12 @@ const PAGE_RUN_MAX = 1024;
 const KNOWN_RAM_FLAGS =
   RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE |
   RamFlag.XBZRLE | RamFlag.HOOK | RamFlag.COMPRESS_PAGE | RamFlag.MULTIFD_FLUSH;
+
+/** What turned on the iterable sections other than ram that QEMU 7.2 and 10.0 may send. */
+const ITERABLE_SECTION_CAPABILITY = new Map<string, string>([
+  ['block', 'block migration (the block capability, or migrate -b/-i) copies disks; save the disks apart'],
+  ['dirty-bitmaps', 'turn the dirty-bitmaps capability off'],
+]);
 
 /** Payload length of each command, -1 when variable (mig_cmd_args in savevm.c). */
 const COMMAND_ARGS = new Map<number, { name: string; len: number }>([
@@ -279,9 +286,12 @@ export class MigrationFramer extends Transform {
 
   private ramSectionId = -1;
   private ramEnded = false;
+  /** The device state followed a RAM PART without any END: a background-snapshot stream. */
+  private ramEndedByDeviceState = false;
   private inRamStart = false;
   private inRamEnd = false;
   private memSizeSeen = false;
+  private sawRamPart = false;
   private blocks: RamBlockInfo[] = [];
   private blockIds: Buffer[] = [];
   private lastBlock: RamBlockInfo | null = null;
@@ -314,6 +324,17 @@ export class MigrationFramer extends Transform {
   /** RAM blocks announced so far by MEM_SIZE. */
   get ramBlocks(): readonly RamBlockInfo[] {
     return this.blocks;
+  }
+
+  /**
+   * True once the device state has begun straight after a RAM PART section,
+   * with no SECTION_END of ram: QEMU's background-snapshot layout
+   * (bg_migration_thread in migration.c writes the setup and iteration
+   * sections only, then appends the device state it buffered when the
+   * snapshot started).
+   */
+  get backgroundSnapshot(): boolean {
+    return this.ramEndedByDeviceState;
   }
 
   /** Target page size in use (from the stream's configuration, or the option). */
@@ -429,6 +450,10 @@ export class MigrationFramer extends Transform {
         return;
       default:
         if (q.available > 0) this.fail(q.consumed, 'stream ends in the middle of a record (truncated?)', this.currentSection());
+        if (q.consumed === 0) {
+          // QEMU 7.2 with multifd on starts exec: and then fails before writing a byte.
+          this.fail(0, 'empty stream: QEMU sent nothing (it failed before sending; with the multifd capability on, QEMU 7.2 does this through exec:, as multifd needs a socket URI)');
+        }
         this.fail(q.consumed, 'stream ends before EOF (truncated?)', this.currentSection());
     }
   }
@@ -558,6 +583,9 @@ export class MigrationFramer extends Transform {
     if (command === Command.POSTCOPY_ADVISE && len !== 0 && len !== 16) {
       this.fail(offset, `command POSTCOPY_ADVISE has length ${len}, expected 0 or 16`);
     }
+    if (command === Command.ENABLE_COLO) {
+      this.fail(offset, 'command ENABLE_COLO: COLO (the x-colo capability) cannot be saved; turn x-colo off');
+    }
     if (command === Command.PACKAGED) {
       this.fail(offset, 'command PACKAGED (the source switched to postcopy) cannot be saved; use precopy');
     }
@@ -581,14 +609,25 @@ export class MigrationFramer extends Transform {
     if (token === Token.SECTION_FULL) {
       if (idstr === 'ram') this.fail(offset, 'ram sent as a SECTION_FULL');
       if (!this.ramEnded) {
-        this.fail(offset, `device section "${printable(idstr, 64)}" arrives before the end of the ram section`);
+        // A background snapshot never ENDs the ram section: its last PART
+        // (which held the last page) is followed by the device state that
+        // was captured when the snapshot began. Anything else is a stream
+        // that lost its RAM.
+        if (this.ramSectionId < 0 || !this.memSizeSeen || !this.sawRamPart) {
+          this.fail(offset, `device section "${printable(idstr, 64)}" arrives before the end of the ram section`);
+        }
+        this.ramEndedByDeviceState = true;
+        this.ramEnded = true;
       }
       // Device sections carry no length: from here on everything is opaque.
       this.state = State.Device;
       this.tailScan = 0;
       return true;
     }
-    if (idstr !== 'ram') this.fail(offset, `iterable section "${printable(idstr, 64)}" is not supported (only ram can be saved)`);
+    if (idstr !== 'ram') {
+      const why = ITERABLE_SECTION_CAPABILITY.get(idstr);
+      this.fail(offset, `iterable section "${printable(idstr, 64)}" is not supported (only ram can be saved)${why ? `: ${why}` : ''}`);
+    }
     if (this.ramSectionId >= 0) this.fail(offset, 'second START of section ram');
     if (versionId !== RAM_SECTION_VERSION) {
       this.fail(offset, `ram section version ${versionId} is not supported (expected ${RAM_SECTION_VERSION})`);
@@ -611,6 +650,7 @@ export class MigrationFramer extends Transform {
     if (this.ramEnded) this.fail(offset, `SECTION_${kind} after the END of section ram`);
     q.skip(5);
     this.inRamEnd = token === Token.SECTION_END;
+    this.sawRamPart = true;
     this.push({ type: token === Token.SECTION_PART ? 'section-part' : 'section-end', offset, sectionId, idstr: 'ram' });
     this.state = State.RamBody;
     return true;
@@ -717,13 +757,88 @@ export class MigrationFramer extends Transform {
         case RamFlag.MEM_SIZE:
           if (!this.parseMemSize(hi, lo, flags)) return false;
           continue;
+        case RamFlag.XBZRLE:
+          if (!this.parseXbzrle(hi, lo, flags)) return false;
+          continue;
+        case RamFlag.COMPRESS_PAGE:
+          if (!this.parseCompressed(hi, lo, flags)) return false;
+          continue;
         default:
-          if (base & RamFlag.XBZRLE) this.fail(offset, 'XBZRLE pages are not supported (disable the xbzrle capability)', 'ram');
-          if (base & RamFlag.COMPRESS_PAGE) this.fail(offset, 'compressed pages are not supported (disable the compress capability)', 'ram');
           if (base & RamFlag.HOOK) this.fail(offset, 'RDMA hook records are not supported', 'ram');
           this.fail(offset, `invalid RAM flag combination 0x${flags.toString(16)}`, 'ram');
       }
     }
+  }
+
+  /** The block of a PAGE-like record (its idstr, or the last block with CONTINUE) and the header's length; null while incomplete. */
+  private recordBlock(flags: number, offset: number, what: string): [RamBlockInfo, number] | null {
+    const q = this.q;
+    if ((flags & RamFlag.CONTINUE) !== 0) {
+      if (this.lastBlock === null) this.fail(offset, `${what} with CONTINUE but no previous block`, 'ram');
+      return [this.lastBlock, 8];
+    }
+    if (q.available < 9) return null;
+    const n = q.byteAt(8);
+    if (q.available < 9 + n) return null;
+    return [this.lookupBlock(n, offset), 9 + n];
+  }
+
+  /**
+   * RAM_SAVE_FLAG_COMPRESS_PAGE (do_compress_ram_page in QEMU 7.2's ram.c):
+   * the page header, be32 length (at most zlib's compressBound of a page, as
+   * ram_load_precopy checks), the zlib stream. Inflated by the consumer.
+   */
+  private parseCompressed(hi: number, lo: number, flags: number): boolean {
+    const q = this.q;
+    const offset = q.consumed;
+    const head = this.recordBlock(flags, offset, 'compressed page');
+    if (head === null) return false;
+    const [block, rel] = head;
+    const address = hi * TWO32 + (lo - flags);
+    if (address + this.pageSize > block.length) {
+      this.fail(offset, `compressed page at 0x${address.toString(16)} is past the end of block "${printable(block.id, 64)}" (length 0x${block.length.toString(16)})`, 'ram');
+    }
+    if (q.available < rel + 4) return false;
+    const len = q.u32At(rel);
+    const bound = this.pageSize + (this.pageSize >>> 12) + (this.pageSize >>> 14) + 13;
+    if (len > bound) this.fail(offset + rel, `compressed page of ${len} bytes is longer than zlib's bound for a page (${bound})`, 'ram');
+    if (q.available < rel + 4 + len) return false;
+    q.skip(rel + 4);
+    const data = q.take(len);
+    this.lastBlock = block;
+    this.push({ type: 'ram-compressed', offset, block, address, data, continued: (flags & RamFlag.CONTINUE) !== 0 });
+    return true;
+  }
+
+  /**
+   * RAM_SAVE_FLAG_XBZRLE (save_xbzrle_page / load_xbzrle in ram.c): the page
+   * header, u8 ENCODING_FLAG_XBZRLE, be16 length (at most one page), the
+   * delta. The delta itself is applied by whoever holds the old page.
+   */
+  private parseXbzrle(hi: number, lo: number, flags: number): boolean {
+    const q = this.q;
+    const offset = q.consumed;
+    const continued = (flags & RamFlag.CONTINUE) !== 0;
+    const head = this.recordBlock(flags, offset, 'XBZRLE page');
+    if (head === null) return false;
+    const [block, rel] = head;
+    const address = hi * TWO32 + (lo - flags);
+    if (address + this.pageSize > block.length) {
+      this.fail(offset, `XBZRLE page at 0x${address.toString(16)} is past the end of block "${printable(block.id, 64)}" (length 0x${block.length.toString(16)})`, 'ram');
+    }
+    if (q.available < rel + 3) return false;
+    const encoding = q.byteAt(rel);
+    if (encoding !== ENCODING_FLAG_XBZRLE) {
+      this.fail(offset + rel, `XBZRLE page with encoding flag 0x${encoding.toString(16).padStart(2, '0')} (expected 0x01)`, 'ram');
+    }
+    const len = q.u16At(rel + 1);
+    if (len > this.pageSize) this.fail(offset + rel + 1, `XBZRLE delta of ${len} bytes is longer than a page (${this.pageSize})`, 'ram');
+    if (q.available < rel + 3 + len) return false;
+    q.skip(rel + 3);
+    const delta = q.take(len);
+    this.lastBlock = block;
+    this.push({ type: 'ram-xbzrle', offset, block, address, delta, continued });
+    return true;
   }
 
   /** Adds a record lying wholly in the head chunk to the run, starting a new run when it cannot join. */

@@ -101,6 +101,35 @@ export interface RamZeroRecord {
   continued: boolean;
 }
 
+/**
+ * RAM_SAVE_FLAG_XBZRLE: a delta against the last version of the page that
+ * was sent (the xbzrle capability). `delta` is the run-length data after
+ * the u8 encoding flag and the be16 length (checked by the framer).
+ */
+export interface RamXbzrleRecord {
+  type: 'ram-xbzrle';
+  offset: number;
+  block: RamBlockInfo;
+  address: number;
+  /** A view into the input chunk unless it straddled chunks. */
+  delta: Buffer;
+  continued: boolean;
+}
+
+/**
+ * RAM_SAVE_FLAG_COMPRESS_PAGE (QEMU ≤ 9.0, the compress capability): one
+ * page deflated with zlib (qemu_put_compression_data: be32 length, then a
+ * zlib stream). `data` is the zlib stream.
+ */
+export interface RamCompressedRecord {
+  type: 'ram-compressed';
+  offset: number;
+  block: RamBlockInfo;
+  address: number;
+  data: Buffer;
+  continued: boolean;
+}
+
 export interface RamEosRecord {
   type: 'ram-eos';
   offset: number;
@@ -142,6 +171,8 @@ export type MigrationRecord =
   | RamMemSizeRecord
   | RamPageRecord
   | RamZeroRecord
+  | RamXbzrleRecord
+  | RamCompressedRecord
   | RamEosRecord
   | RamMultifdFlushRecord
   | DeviceStateRecord

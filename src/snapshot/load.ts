@@ -23,6 +23,8 @@ import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { LoadEncoder } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
+import { encodeRecord } from '../migration/encoder';
+import type { RamBlockLayout } from './layout';
 import { InlinePieceDigester } from './digest-pieces';
 import { createChunkHasher, ChunkHasher } from './chunk-hash';
 import { DigestMismatchError } from './digests';
@@ -52,6 +54,13 @@ export interface LoadOptions {
   verify?: boolean;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
+  /**
+   * The destination's host page sizes, for blocks whose page size the
+   * stream does not carry (a source without postcopy-ram never sends it):
+   * `{ size }` for every block whose length is a multiple of it, `{ block,
+   * size }` for one block. Postcopy into hugepage-backed RAM needs them.
+   */
+  hostPageSizes?: Array<{ block?: string; size: number }>;
 }
 
 /** Where a load stands: every page goes out once, as data or as a ZERO record. */
@@ -80,6 +89,61 @@ const ADVISE_PING = 1;
 const PONG_TIMEOUT_MS = 30_000;
 const NO_POSTCOPY_RAM =
   'the destination rejected POSTCOPY_ADVISE (it closed the stream): enable the postcopy-ram capability on it (-incoming defer, migrate-set-capabilities postcopy-ram on, then migrate-incoming)';
+
+/**
+ * A destination closes the stream on ADVISE for two reasons QEMU does not
+ * tell apart on the wire (loadvm_postcopy_handle_advise): postcopy-ram off,
+ * or a host page size summary other than its own.
+ */
+function adviseRejected(snap: SnapshotContents, hostPages: number[], fromUser: boolean): string {
+  const ps = snap.header.pageSize;
+  const summary = hostPages.reduce((a, b) => a | b, 0);
+  const huge = snap.blocks.map((b, i) => (hostPages[i] > ps ? `${b.id} ${hostPages[i] >>> 10} KiB` : null)).filter((x) => x !== null);
+  const sizes = huge.length > 0
+    ? `its RAM page sizes differ from those sent (summary 0x${summary.toString(16)}: ${huge.join(', ')}${fromUser ? '' : ', from the stream'})`
+    : `its RAM page sizes differ from the ${ps >>> 10} KiB pages this image was saved with (summary 0x${summary.toString(16)}); for hugepage-backed RAM give --host-page-size, e.g. 2M`;
+  return `the destination rejected POSTCOPY_ADVISE (it closed the stream): page-size mismatch or no postcopy-ram: either ${sizes}, or its postcopy-ram capability is off (-incoming defer, migrate-set-capabilities postcopy-ram on, then migrate-incoming)`;
+}
+
+/** Each block's host page size on the destination: from the stream, the options, or the target page size. */
+function hostPageSizes(snap: SnapshotContents, opts: LoadOptions): number[] {
+  const ps = snap.header.pageSize;
+  const given = opts.hostPageSizes ?? [];
+  for (const g of given) {
+    if (!Number.isSafeInteger(g.size) || g.size < ps || (g.size & (g.size - 1)) !== 0) {
+      throw new LoadError(`host page size ${g.size} must be a power of two of at least the image's ${ps}-byte pages`);
+    }
+    if (g.block !== undefined && !snap.blocks.some((b) => b.id === g.block)) {
+      throw new LoadError(`--host-page-size: the image has no RAM block "${g.block}" (it has ${snap.blocks.map((b) => b.id).join(', ')})`);
+    }
+  }
+  return snap.blocks.map((b, i) => {
+    const fromStream = snap.streamBlocks[i]?.pageSize;
+    if (fromStream !== undefined) return fromStream;
+    const named = given.find((g) => g.block === b.id);
+    if (named) return named.size;
+    let size = ps;
+    for (const g of given) if (g.block === undefined && b.length % g.size === 0 && g.size > size) size = g.size;
+    return size;
+  });
+}
+
+/**
+ * The leader with its MEM_SIZE block list re-encoded without the per-block
+ * page sizes a postcopy-ram source adds: a destination reads them only once
+ * POSTCOPY_ADVISE came (ram_load_precopy), which a precopy load never sends.
+ */
+function leaderWithoutPageSizes(snap: SnapshotContents): Buffer {
+  const leader = snap.leader;
+  const start = snap.header.ramSectionOffset;
+  const at = start + 1 + 4 + 1 + leader[start + 5] + 4 + 4;
+  let length = 8;
+  for (const b of snap.streamBlocks) length += 1 + Buffer.byteLength(b.id, 'latin1') + 8 + (b.pageSize !== undefined ? 8 : 0) + (b.mrAddr !== undefined ? 8 : 0);
+  const blocks = snap.streamBlocks.map((b) => ({ ...b, pageSize: undefined }));
+  const total = snap.streamBlocks.reduce((a, b) => a + b.length, 0);
+  const memSize = Buffer.concat(encodeRecord({ type: 'ram-mem-size', offset: 0, totalBytes: total, blocks }));
+  return Buffer.concat([leader.subarray(0, at), memSize, leader.subarray(at + length)]);
+}
 
 /** Allocated and unallocated runs of every block, in disk order (metadata loaded a piece at a time). */
 async function mapBlocks(snap: SnapshotContents): Promise<Array<{ index: number; offset: number; length: number; allocated: boolean }>> {
@@ -123,9 +187,26 @@ function checkUnmappedChunks(snap: SnapshotContents, runs: Array<{ offset: numbe
   }
 }
 
-/** The background plan: every page of every block, data ranges read in pieces, holes not read. */
-function* buildPlan(runs: Array<{ index: number; offset: number; length: number; allocated: boolean }>, readSize: number): Generator<ReadPlanEntry> {
+/**
+ * The background plan: every page of every block, data ranges read in
+ * pieces, holes not read. A block with host pages larger than a target page
+ * (postcopy into hugepages) is read in whole host pages, holes included: in
+ * postcopy the destination places a host page only once all its target
+ * pages came, one after the other (ram_load_postcopy).
+ */
+function* buildPlan(runs: Array<{ index: number; offset: number; length: number; allocated: boolean }>, readSize: number, huge?: { blocks: RamBlockLayout[]; hostPages: number[]; pageSize: number }): Generator<ReadPlanEntry> {
+  const done = new Set<number>();
   for (const run of runs) {
+    const hp = huge ? huge.hostPages[run.index] : 0;
+    if (huge && hp > huge.pageSize) {
+      if (done.has(run.index)) continue;
+      done.add(run.index);
+      const b = huge.blocks[run.index];
+      const end = b.offset + Math.ceil(b.length / huge.pageSize) * huge.pageSize;
+      const piece = Math.max(hp, Math.floor(readSize / hp) * hp);
+      for (let o = b.offset; o < end; o += piece) yield { offset: o, length: Math.min(piece, end - o), hole: false, tag: run.index };
+      continue;
+    }
     const piece = run.allocated ? readSize : HOLE_PIECE;
     for (let o = run.offset; o < run.offset + run.length; o += piece) {
       yield { offset: o, length: Math.min(piece, run.offset + run.length - o), hole: !run.allocated, tag: run.index };
@@ -160,7 +241,9 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // is in the middle of a chunk whenever it is asked).
   const zeros = snap.digests && opts.verify !== false ? await createChunkHasher(snap.digests.algorithm) : null;
   if (zeros) checkUnmappedChunks(snap, runs, zeros);
-  const plan = buildPlan(runs, readSize);
+  const hostPages = hostPageSizes(snap, opts);
+  const hugeBlocks = postcopy && hostPages.some((h) => h > ps);
+  const plan = buildPlan(runs, readSize, hugeBlocks ? { blocks: snap.blocks, hostPages, pageSize: ps } : undefined);
   // Precopy to a file descriptor (the CLI's pipe, or --output) runs without
   // streams: synchronous reads into one reused buffer, encoded and written
   // synchronously into one reused output buffer (DirectLoadPump). Postcopy
@@ -202,14 +285,19 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // Precopy: leader, RAM, device state (with its EOF and VMDESCRIPTION).
   // Postcopy: the leader with OPEN_RETURN_PATH, ADVISE and a PING, RAM until
   // the threshold, the switch, the rest of RAM, EOF.
-  let prefix: Buffer[] = [snap.leader];
+  const streamPageSizes = snap.streamBlocks.some((b) => b.pageSize !== undefined);
+  let prefix: Buffer[] = [streamPageSizes ? leaderWithoutPageSizes(snap) : snap.leader];
   if (postcopy) {
     // ADVISE tells the destination to read the per-block page sizes a
     // postcopy source adds to MEM_SIZE: put it before the ram section only
     // when the saved block list carries them (docs/postcopy-protocol.md).
-    const split = snap.streamBlocks.some((b) => b.pageSize !== undefined) ? snap.header.ramSectionOffset : snap.leader.length;
-    prefix = [snap.leader.subarray(0, split), encodeOpenReturnPath(), encodePostcopyAdvise(ps, ps), encodePing(ADVISE_PING), snap.leader.subarray(split)];
+    // Its summary is the OR of the destination's host page sizes
+    // (ram_pagesize_summary), which it must match.
+    const split = streamPageSizes ? snap.header.ramSectionOffset : snap.leader.length;
+    const summary = hostPages.reduce((a, b) => a | b, 0);
+    prefix = [snap.leader.subarray(0, split), encodeOpenReturnPath(), encodePostcopyAdvise(summary, ps), encodePing(ADVISE_PING), snap.leader.subarray(split)];
   }
+  const adviseRejectedMessage = hostPages.some((h) => h !== ps) || opts.hostPageSizes !== undefined ? adviseRejected(snap, hostPages, !streamPageSizes) : NO_POSTCOPY_RAM_OR_PAGES(snap, hostPages);
   // After a switch with nothing left to page in, QEMU 7.2 cannot take LISTEN
   // without a discard: finish such a load as precopy instead.
   let finishAsPrecopy = !postcopy;
@@ -247,7 +335,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
       switched = true;
       opts.onEvent?.('switch', Date.now() - started);
-      const discards = discardCommands(snap, encoder);
+      const discards = discardCommands(snap, encoder, hostPages);
       if (discards.length === 0) {
         finishAsPrecopy = true;
         return null;
@@ -282,7 +370,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
         else if (msg.type === 'pong' && msg.value === ADVISE_PING) onPong?.();
         else if (msg.type === 'req-pages') {
           const index = blocksByName.get(msg.block);
-          if (index !== undefined) requestPages(snap, bg, encoder, index, msg.offset, msg.length, requested);
+          if (index !== undefined) requestPages(snap, bg, encoder, index, msg.offset, msg.length, requested, hostPages[index]);
         }
         cb(null);
       },
@@ -299,7 +387,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       returnPathDone.then(
         () => {
           clearTimeout(timer);
-          reject(new LoadError(NO_POSTCOPY_RAM));
+          reject(new LoadError(adviseRejectedMessage));
         },
         () => clearTimeout(timer),
       );
@@ -308,7 +396,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     // A return path that ends or breaks before SHUT ends the load at once.
     returnPathDone.then(
       () => {
-        if (shutStatus === null) bg.destroy(new LoadError(switched ? 'the destination closed its return path before the migration ended' : NO_POSTCOPY_RAM));
+        if (shutStatus === null) bg.destroy(new LoadError(switched ? 'the destination closed its return path before the migration ended' : adviseRejectedMessage));
       },
       (err: Error) => bg.destroy(err instanceof QemuSnapError ? err : new LoadError(`return path: ${err.message}`)),
     );
@@ -340,7 +428,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       const out: NodeJS.WritableStream = opts.output ? fs.createWriteStream(opts.output) : opts.stdout ?? process.stdout;
       await pumpAsync(reader, encoder, out).catch((err: Error) => {
         if (postcopy && !switched && isPipeGone(err)) {
-          throw new LoadError(NO_POSTCOPY_RAM);
+          throw new LoadError(adviseRejectedMessage);
         }
         throw err;
       });
@@ -364,17 +452,27 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   }
 }
 
+function NO_POSTCOPY_RAM_OR_PAGES(snap: SnapshotContents, hostPages: number[]): string {
+  // Nothing says the destination's pages are larger: the likelier cause
+  // first, the other named too.
+  return `${NO_POSTCOPY_RAM}; or, if its RAM is hugepage-backed, a page-size mismatch: give --host-page-size (summary sent 0x${hostPages.reduce((a, b) => a | b, 0).toString(16)})`;
+}
+
 function isPipeGone(err: Error): boolean {
   const code = (err as NodeJS.ErrnoException).code;
   return code === 'EPIPE' || code === 'ECONNRESET' || /premature close/i.test(err.message);
 }
 
-/** A discard for every page not yet sent: the destination must fault on them. */
-function discardCommands(snap: SnapshotContents, encoder: LoadEncoder): Buffer[] {
+/**
+ * A discard for every page not yet sent: the destination must fault on
+ * them. Host pages go out whole, so the ranges are whole host pages, as the
+ * destination's ram_discard_range requires (checked by encodeRamDiscard).
+ */
+function discardCommands(snap: SnapshotContents, encoder: LoadEncoder, hostPages: number[]): Buffer[] {
   const out: Buffer[] = [];
   for (let i = 0; i < snap.blocks.length; i++) {
     const runs = encoder.unsentRanges(i);
-    if (runs.length > 0) out.push(...encodeRamDiscard(snap.blocks[i].id, runs));
+    if (runs.length > 0) out.push(...encodeRamDiscard(snap.blocks[i].id, runs, { pageSize: hostPages[i] }));
   }
   return out;
 }
@@ -388,10 +486,24 @@ function requestPages(
   offset: number,
   length: number,
   requested: Map<number, bigint>,
+  hostPage: number,
 ): void {
   const ps = snap.header.pageSize;
   const block = snap.blocks[index];
   const t0 = process.hrtime.bigint();
+  if (hostPage > ps) {
+    // Whole host pages, one read each, holes read as zeros: the destination
+    // places a huge page only once all its target pages came in a row.
+    const end = Math.min(Math.ceil((offset + length) / hostPage) * hostPage, Math.ceil(block.length / ps) * ps);
+    for (let hp = Math.floor(offset / hostPage) * hostPage; hp < end; hp += hostPage) {
+      if (encoder.isSent(index, hp / ps)) continue;
+      const at = block.offset + hp;
+      if (!requested.has(at)) requested.set(at, t0);
+      if (reader.destroyed || reader.exhausted) return;
+      reader.urgent({ offset: at, length: Math.min(hostPage, end - hp), hole: false, tag: index });
+    }
+    return;
+  }
   let first = Math.floor(offset / ps);
   const end = Math.ceil((offset + length) / ps);
   while (first < end && encoder.isSent(index, first)) first++;

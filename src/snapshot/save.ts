@@ -194,6 +194,13 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       if (hasher) blockTarget.tracker = new ChunkTracker(image, virtualSize, hasher);
       return image.vmStateOffset;
     },
+    // XBZRLE pages patch the page as last written; the writer waits for any
+    // write of it still in the ring before it asks.
+    readPage: (offset, out) => {
+      const image = blockTarget.image;
+      if (!image) return Promise.reject(new SaveTargetError('XBZRLE page before the image exists'));
+      return image.readIntoSync(offset, out.length, out) ? null : image.readInto(offset, out.length, out);
+    },
     onCommand: (command, payload) => {
       if (command === Command.OPEN_RETURN_PATH) returnPathOpen = true;
       if (command === Command.PING && returnPathOpen && opts.returnPath) {

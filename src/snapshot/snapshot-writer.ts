@@ -9,7 +9,10 @@
 import { Transform } from 'streamx';
 import type { BlockWrite } from '../blockio';
 import { encodeRecord } from '../migration/encoder';
-import type { FramedRecord, MigrationRecord, RamPageRunRecord } from '../migration/records';
+import type { FramedRecord, MigrationRecord, RamCompressedRecord, RamPageRunRecord, RamXbzrleRecord } from '../migration/records';
+import * as zlib from 'node:zlib';
+import { applyXbzrle, XbzrleDecodeError } from '../migration/xbzrle';
+import { printable } from '../util/text';
 import { Command } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { layoutRamBlocks, RamBlockLayout, VMSTATE_HEADER_SIZE, isValidPageSize } from './layout';
@@ -41,6 +44,14 @@ export interface SnapshotWriterOptions {
    * then copied and pushed, and so is every later one).
    */
   gather?: RunSink;
+  /**
+   * Reads the page at disk `offset` into `out` (returns null when it did so
+   * at once). Needed for XBZRLE pages, which patch the last version of a
+   * page: the writer calls it only once every write it pushed that overlaps
+   * the page has completed, so the caller must report every completed write
+   * through writeDone(). Without it XBZRLE pages are refused.
+   */
+  readPage?(offset: number, out: Buffer): Promise<void> | null;
 }
 
 /**
@@ -68,6 +79,10 @@ export interface SnapshotSummary {
   coveredPages: number;
   /** Pages of all RAM blocks (from MEM_SIZE). */
   totalPages: number;
+  /** XBZRLE records applied (QEMU's xbzrle-cache.pages, less the pages it skipped). */
+  xbzrleRecords: number;
+  /** Compressed pages inflated (QEMU 7.2's compression.pages). */
+  compressedRecords: number;
   ramSectionOffset: number;
   leaderLength: number;
   deviceStateLength: number;
@@ -101,6 +116,14 @@ export class SnapshotWriter extends Transform {
   private zeroRecords = 0;
   private coveredPages = 0;
   private totalPages = 0;
+  private xbzrleRecords = 0;
+  private compressedRecords = 0;
+  /** Pushed writes not yet reported done (only kept when readPage is given): disk ranges, in push order. */
+  private readonly inFlightStart: number[] = [];
+  private readonly inFlightEnd: number[] = [];
+  private inFlightHead = 0;
+  /** An XBZRLE page waiting for an overlapping write to complete. */
+  private waitingXbzrle: (() => void) | null = null;
   private sawEof = false;
   private returnPath = false;
 
@@ -158,6 +181,20 @@ export class SnapshotWriter extends Transform {
    */
   writeDone(w: BlockWrite): void {
     if (w.buffers.length === 1) this.pool.release(w.buffers[0]);
+    if (this.opts.readPage && this.inFlightHead < this.inFlightStart.length) {
+      // Completions come in push order (OrderedBlockWriter): the head is this write.
+      this.inFlightHead++;
+      if (this.inFlightHead > 1024 && this.inFlightHead * 2 > this.inFlightStart.length) {
+        this.inFlightStart.splice(0, this.inFlightHead);
+        this.inFlightEnd.splice(0, this.inFlightHead);
+        this.inFlightHead = 0;
+      }
+      const waiting = this.waitingXbzrle;
+      if (waiting) {
+        this.waitingXbzrle = null;
+        waiting();
+      }
+    }
   }
 
   summary(): SnapshotSummary {
@@ -170,6 +207,8 @@ export class SnapshotWriter extends Transform {
       zeroRecords: this.zeroRecords,
       coveredPages: this.coveredPages,
       totalPages: this.totalPages,
+      xbzrleRecords: this.xbzrleRecords,
+      compressedRecords: this.compressedRecords,
       ramSectionOffset: this.ramSectionOffset,
       leaderLength: this.leaderLength,
       deviceStateLength: this.deviceStateLength,
@@ -200,6 +239,11 @@ export class SnapshotWriter extends Transform {
         case 'ram-zero':
           this.zeroRecords++;
           this.storeZeroRecord(rec.block.index, rec.address, rec.fill);
+          return cb(null);
+        case 'ram-xbzrle':
+          return this.storeXbzrle(rec, cb);
+        case 'ram-compressed':
+          this.storeCompressed(rec);
           return cb(null);
         case 'command':
           if (rec.command === Command.OPEN_RETURN_PATH) this.returnPath = true;
@@ -261,6 +305,16 @@ export class SnapshotWriter extends Transform {
   }
 
   private leaderOrState(rec: MigrationRecord, cb: (err: Error | null) => void): void {
+    if (rec.type === 'configuration') {
+      for (const sub of rec.subsections) {
+        if (sub.name === 'configuration/capabilities' && sub.capabilities.includes('x-ignore-shared')) {
+          // ram_save_setup / RAMBLOCK_FOREACH_NOT_IGNORED: pages of shared
+          // (share=on) RAM blocks are never sent, and nothing in the stream
+          // says which blocks those are.
+          return cb(new SnapshotSaveError(rec.offset, 'the x-ignore-shared capability is not supported: QEMU leaves shared RAM out of the stream, so the snapshot would lack it (turn x-ignore-shared off)'));
+        }
+      }
+    }
     if (rec.type === 'configuration' && rec.pageSize !== undefined) {
       if (!isValidPageSize(rec.pageSize)) return cb(new SnapshotSaveError(rec.offset, `bad page size ${rec.pageSize}`));
       this.setPageSize(rec.pageSize);
@@ -289,7 +343,106 @@ export class SnapshotWriter extends Transform {
   }
 
   override push(w: BlockWrite | null): boolean {
+    if (w !== null && this.opts.readPage) {
+      this.inFlightStart.push(w.offset);
+      this.inFlightEnd.push(w.offset + w.length);
+    }
     return super.push(w);
+  }
+
+  /**
+   * An XBZRLE delta: patch the page as last written (zeros if it holds no
+   * data) and store the result as an ordinary page. The old version is in
+   * the open run, or on disk once no pushed write overlapping it is still
+   * in flight.
+   */
+  private storeXbzrle(rec: RamXbzrleRecord, cb: (err: Error | null) => void): void {
+    if (!this.opts.readPage) return cb(new SnapshotSaveError(rec.offset, 'XBZRLE pages need an image to read back from'));
+    if (this.phase !== 'ram') return cb(new SnapshotSaveError(rec.offset, 'XBZRLE page outside the RAM sections'));
+    this.recordOffset = rec.offset;
+    const st = this.blockStates[rec.block.index];
+    const diskOffset = st.layout.offset + rec.address;
+    const page = Buffer.alloc(this.pageSize);
+    const apply = (): void => {
+      try {
+        applyXbzrle(page, rec.delta, 0, rec.delta.length);
+      } catch (err) {
+        if (!(err instanceof XbzrleDecodeError)) throw err;
+        throw new SnapshotSaveError(rec.offset, `bad XBZRLE delta for page 0x${rec.address.toString(16)} of block "${printable(rec.block.id, 64)}": ${err.message}`);
+      }
+      this.xbzrleRecords++;
+      this.storePage(rec.block.index, rec.address, page, 0);
+    };
+    try {
+      const p = this.pageOf(rec.address);
+      if ((st.dataBits[p >>> 3] & (1 << (p & 7))) === 0 || this.copyFromOpenRun(diskOffset, page)) {
+        apply();
+        return cb(null);
+      }
+    } catch (err) {
+      return cb(err as Error);
+    }
+    const read = (): void => {
+      let pending: Promise<void> | null;
+      try {
+        pending = this.opts.readPage!(diskOffset, page);
+      } catch (err) {
+        return cb(err as Error);
+      }
+      const done = (): void => {
+        try {
+          apply();
+          cb(null);
+        } catch (err) {
+          cb(err as Error);
+        }
+      };
+      if (pending === null) return done();
+      pending.then(done, (err: Error) => cb(err));
+    };
+    const whenSettled = (): void => {
+      if (this.overlapsInFlight(diskOffset, diskOffset + this.pageSize)) this.waitingXbzrle = whenSettled;
+      else read();
+    };
+    whenSettled();
+  }
+
+  /** A zlib-compressed page (the compress capability of QEMU ≤ 9.0): inflated and stored as a page. */
+  private storeCompressed(rec: RamCompressedRecord): void {
+    if (this.phase !== 'ram') throw new SnapshotSaveError(rec.offset, 'compressed page outside the RAM sections');
+    let page: Buffer;
+    try {
+      page = zlib.inflateSync(rec.data, { maxOutputLength: this.pageSize });
+    } catch (err) {
+      throw new SnapshotSaveError(rec.offset, `bad compressed page 0x${rec.address.toString(16)} of block "${printable(rec.block.id, 64)}": zlib: ${(err as Error).message}`);
+    }
+    if (page.length !== this.pageSize) {
+      throw new SnapshotSaveError(rec.offset, `bad compressed page 0x${rec.address.toString(16)} of block "${printable(rec.block.id, 64)}": inflates to ${page.length} bytes, not a page (${this.pageSize})`);
+    }
+    this.recordOffset = rec.offset;
+    this.compressedRecords++;
+    this.storePage(rec.block.index, rec.address, page, 0);
+  }
+
+  /** The open run holds the page at diskOffset: copy it into out. */
+  private copyFromOpenRun(diskOffset: number, out: Buffer): boolean {
+    if (diskOffset < this.runOffset || diskOffset >= this.runOffset + this.runLength) return false;
+    const at = diskOffset - this.runOffset;
+    if (this.runOpen) {
+      const k = (at / this.pageSize) * 3;
+      this.segmentBuffers[this.segments[k]].copy(out, 0, this.segments[k + 1], this.segments[k + 1] + this.pageSize);
+      return true;
+    }
+    if (this.run === null) return false;
+    this.run.copy(out, 0, at, at + this.pageSize);
+    return true;
+  }
+
+  private overlapsInFlight(start: number, end: number): boolean {
+    for (let i = this.inFlightHead; i < this.inFlightStart.length; i++) {
+      if (this.inFlightStart[i] < end && start < this.inFlightEnd[i]) return true;
+    }
+    return false;
   }
 
   private endLeader(offset: number): void {

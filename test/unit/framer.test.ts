@@ -253,8 +253,8 @@ test('error: unknown RAM flags', async () => {
   await expectError(b.ramHeader(0, 0x400).build(), /unknown RAM flags 0x400 in section ram/, at);
 });
 
-test('error: XBZRLE, compressed pages, HOOK are unsupported', async () => {
-  for (const [flag, re] of [[0x40, /XBZRLE pages are not supported/], [0x100, /compressed pages are not supported/], [0x80, /RDMA hook/]] as const) {
+test('error: HOOK is unsupported (XBZRLE and compressed pages are decoded: xbzrle.test)', async () => {
+  for (const [flag, re] of [[0x80, /RDMA hook/]] as const) {
     const b = leader().sectionPart(2);
     const at = b.length;
     await expectError(b.ramHeader(0, flag).raw(Buffer.alloc(20)).build(), re, at);
@@ -346,6 +346,34 @@ test('error: device section before the end of ram; MULTIFD_FLUSH is accepted', a
   await expectError(leader().device(3, 'cpu', Buffer.alloc(4)).eof().build(), /device section "cpu" arrives before the end of the ram section/);
   const ok = await frame(leader().sectionPart(2).multifdFlush().eos().footer(2).sectionEnd(2).eos().footer(2).device(3, 'd', Buffer.alloc(1)).eof().build());
   assert.ok(ok.some((r) => r.type === 'ram-multifd-flush'));
+});
+
+test('background-snapshot layout: device state right after a ram PART (no END) is accepted and flagged', async () => {
+  // bg_migration_thread: setup and iteration sections, then the buffered device state.
+  const input = leader().sectionPart(2).page(4096, 'pc.ram').zero(0, null).eos().footer(2)
+    .sectionPart(2).page(0, '/rom@etc/acpi/tables').eos().footer(2)
+    .device(3, 'timer', Buffer.from([1, 2, 3])).eof().vmdesc({ page_size: 4096, devices: [] }).build();
+  const framer = new MigrationFramer();
+  const records: string[] = [];
+  await new Promise<void>((resolve, reject) => {
+    framer.on('data', (r: unknown) => records.push((r as { type: string }).type));
+    framer.on('error', reject);
+    framer.on('end', resolve);
+    framer.end(input);
+  });
+  assert.ok(framer.backgroundSnapshot);
+  assert.ok(records.includes('device-state') && records.includes('vmdescription'));
+  // A plain precopy stream is not flagged.
+  const plain = new MigrationFramer();
+  await new Promise<void>((resolve, reject) => {
+    plain.on('data', () => {});
+    plain.on('error', reject);
+    plain.on('end', resolve);
+    plain.end(completeStream());
+  });
+  assert.not.ok(plain.backgroundSnapshot);
+  // The setup section alone is not RAM: still refused.
+  await expectError(leader().device(3, 'cpu', Buffer.alloc(4)).eof().build(), /arrives before the end of the ram section/);
 });
 
 test('an error destroys the framer once, and later input is ignored', async () => {
