@@ -375,7 +375,7 @@ export class SnapshotWriter extends Transform {
     };
     try {
       const p = this.pageOf(rec.address);
-      if ((st.dataBits[p >>> 3] & (1 << (p & 7))) === 0 || this.copyFromOpenRun(diskOffset, page)) {
+      if (!st.dataBits.has(p) || this.copyFromOpenRun(diskOffset, page)) {
         apply();
         return cb(null);
       }
