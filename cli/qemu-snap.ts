@@ -14,6 +14,8 @@ import { ProgressLine } from '../src/util/progress';
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
+import { QMP_USAGE, wantsQmp, cmdSaveQmp, cmdRestoreQmp } from './qmp-commands';
+import { rfcArguments, printVersion } from './rfc-args';
 
 // The per-page records die young: a smaller young generation (V8's default
 // lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
@@ -45,19 +47,24 @@ const USAGE = `usage:
       --cluster-size SIZE     QCOW2 cluster size, 64K..2M (default 1M)
       --max-in-flight N       block writes outstanding (default 8)
       -f, --force             replace an existing IMAGE
+      -s, --image-size SIZE   refuse a stream whose guest RAM is larger than SIZE
   qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
       -o, --output FILE       write the stream to FILE instead of stdout
       -S, --page-size SIZE    refuse an image whose page size differs
       --max-in-flight N       block reads outstanding (default 8)
-      --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
+      -p, --postcopy PCT      start the VM after PCT% of the data pages, page in the rest
                               on demand (the destination needs the postcopy-ram capability)
       --no-verify             do not check RAM against the image's digests
+      -s, --image-size SIZE   refuse an image whose guest RAM is larger than SIZE
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
   qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
 common options:
   --progress / --no-progress  progress on stderr (default: when stderr is a terminal)
   -q, --quiet                 no messages but errors
-  -h, --help                  this text`;
+  -h, --help                  this text
+driving QEMU over QMP (give qemu-snap a -qmp socket of its own: QEMU serves one client per socket):
+${QMP_USAGE}
+the RFC's form: qemu-snap [-s SIZE] [-S SIZE] [-p PCT] [-V] [-h] save|load FILE`;
 
 // QEMU_SNAP_STATS=1: one JSON line of figures on stderr at exit, for the benchmarks.
 const wantStats = process.env.QEMU_SNAP_STATS === '1';
@@ -122,6 +129,12 @@ function onePositional(args: minimist.ParsedArgs, what: string): string {
   return rest[0];
 }
 
+/** -s/--image-size SIZE (the RFC's): the most guest RAM the image may hold. */
+function imageSizeArg(args: minimist.ParsedArgs): number | undefined {
+  const v = oneString(args['image-size'], '--image-size');
+  return v === undefined ? undefined : parseSize(v, '--image-size');
+}
+
 /** SIGINT/SIGTERM/SIGPIPE abort the work: cleanup runs, then exit 1. */
 function abortOnSignals(): AbortController {
   const ac = new AbortController();
@@ -133,9 +146,9 @@ function abortOnSignals(): AbortController {
 
 async function cmdSave(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['input', 'page-size', 'cluster-size', 'max-in-flight'],
+    string: ['input', 'page-size', 'cluster-size', 'max-in-flight', 'image-size'],
     boolean: ['force'],
-    alias: { i: 'input', S: 'page-size', f: 'force' },
+    alias: { i: 'input', S: 'page-size', f: 'force', s: 'image-size' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot file to write)');
@@ -170,6 +183,7 @@ async function cmdSave(argv: string[]): Promise<void> {
       clusterSize,
       maxInFlight,
       force: args.force === true,
+      maxRamSize: imageSizeArg(args),
       returnPath: stdout(),
       signal: ac.signal,
       onProgress: (bytes, pages) => progress.update(bytes, pages),
@@ -187,10 +201,10 @@ async function cmdSave(argv: string[]): Promise<void> {
 
 async function cmdLoad(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'image-size'],
     boolean: ['verify'],
     default: { verify: true },
-    alias: { o: 'output', S: 'page-size' },
+    alias: { o: 'output', S: 'page-size', p: 'postcopy', s: 'image-size' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to load)');
@@ -218,6 +232,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
       maxInFlight,
       postcopy,
       verify: args.verify !== false,
+      maxRamSize: imageSizeArg(args),
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,
       onProgress: (bytes, pages) => progress.update(bytes, pages),
@@ -249,13 +264,23 @@ async function cmdVerify(argv: string[]): Promise<void> {
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 
-async function main(argv: string[]): Promise<number> {
-  const [cmd, ...rest] = argv;
+async function main(argvIn: string[]): Promise<number> {
   try {
+    // The RFC's order, options before the command: moved after it.
+    const argv = rfcArguments(argvIn);
+    const [cmd, ...rest] = argv;
     switch (cmd) {
       case 'save':
-        await cmdSave(rest);
+        if (wantsQmp(rest)) await cmdSaveQmp(rest, () => void stdout().write(USAGE + '\n'));
+        else await cmdSave(rest);
         break;
+      case 'restore':
+        await cmdRestoreQmp(rest, () => void stdout().write(USAGE + '\n'));
+        break;
+      case '-V':
+      case '--version':
+        printVersion(stdout());
+        return 0;
       case 'load':
         await cmdLoad(rest);
         break;
@@ -271,7 +296,7 @@ async function main(argv: string[]): Promise<number> {
         stdout().write(USAGE + '\n');
         return 0;
       case undefined:
-        fail('missing command (save, load, info, verify)');
+        fail('missing command (save, load, restore, info, verify)');
         break;
       default:
         fail(`unknown command '${cmd}'`);

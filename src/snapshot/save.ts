@@ -48,6 +48,8 @@ export interface SaveOptions {
   digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
   signal?: AbortSignal;
+  /** Refuse a stream whose RAM blocks add up to more than this many bytes (the RFC's -s/--image-size). */
+  maxRamSize?: number;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -174,7 +176,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
     gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
-    prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
+    prepareImage: async (virtualSize: number, blocks: RamBlockLayout[]) => {
+      const ram = blocks.reduce((sum, b) => sum + b.length, 0);
+      if (opts.maxRamSize !== undefined && ram > opts.maxRamSize) {
+        throw new SaveTargetError(`the stream's guest RAM (${ram} bytes in ${blocks.length} blocks) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
+      }
       const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
       creating = created.catch(() => null);
       const image = await created;
