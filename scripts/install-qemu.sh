@@ -6,6 +6,12 @@
 #
 #   bash scripts/install-qemu.sh            # QEMU 7.2 only
 #   bash scripts/install-qemu.sh --qemu10   # and QEMU 10.0 in $QEMU10_PREFIX
+#   bash scripts/install-qemu.sh --guest    # and a Linux kernel for the e2e guest
+#
+# --guest takes Debian's cloud kernel package (linux-image-cloud-amd64) and
+# keeps only its vmlinuz, in /opt/qemu-snap-guest (root) or
+# ~/.local/qemu-snap-guest: the e2e tests boot it under TCG with an
+# initramfs they build from test/e2e/guest/init.c (static, so libc.a too).
 #
 # QEMU 10.0 is run through two wrappers, <prefix>/bin/qemu-system-x86_64 and
 # <prefix>/bin/qemu-img, which set LD_LIBRARY_PATH and the firmware paths (-L);
@@ -13,10 +19,12 @@
 set -euo pipefail
 
 want10=0
+wantGuest=0
 for a in "$@"; do
   case "$a" in
     --qemu10) want10=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --guest) wantGuest=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "install-qemu.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -37,12 +45,28 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+[ $wantGuest = 0 ] || [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-qemu.sh: installing ${need[*]}"
   apt_update
   "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 echo "install-qemu.sh: $(qemu-system-x86_64 --version | head -1)"
+
+if [ "$(id -u)" = 0 ]; then guestDir=/opt/qemu-snap-guest; else guestDir=$HOME/.local/qemu-snap-guest; fi
+if [ $wantGuest = 1 ] && [ ! -s "$guestDir/vmlinuz" ]; then
+  apt_update
+  pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+  [ -n "$pkg" ] || { echo "install-qemu.sh: no linux-image-cloud-amd64 package found" >&2; exit 1; }
+  kwork=$(mktemp -d)
+  chmod 755 "$kwork"
+  ( cd "$kwork" && apt-get download -q "$pkg" >/dev/null 2>&1 ) || { echo "install-qemu.sh: apt-get download $pkg failed" >&2; rm -rf "$kwork"; exit 1; }
+  ( cd "$kwork" && dpkg-deb --fsys-tarfile ./*.deb | tar -x --wildcards './boot/vmlinuz-*' )
+  "${SUDO[@]}" mkdir -p "$guestDir"
+  "${SUDO[@]}" cp "$kwork"/boot/vmlinuz-* "$guestDir/vmlinuz"
+  rm -rf "$kwork"
+fi
+[ $wantGuest = 0 ] || echo "install-qemu.sh: guest kernel $guestDir/vmlinuz"
 
 [ $want10 = 1 ] || exit 0
 

@@ -17,3 +17,4 @@ export function fakeDestCommand(outFile: string, logFile?: string): string {
 export function shellQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
+export * from './linux-guest';
