@@ -8,6 +8,7 @@ export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save t
       --stop                  leave the VM stopped afterwards (like virsh save)
       --background            background-snapshot: the VM never stops for its RAM
       --downtime-limit MS     QEMU's downtime-limit for this migration
+      --max-bandwidth RATE    bytes/s for this migration (default 100G: no limit to speak of)
       -f, --force             replace an existing IMAGE
   qemu-snap restore --qmp SOCKET [options] IMAGE   restore into a QEMU started with -incoming defer (and -S)
       --postcopy PCT          run the VM after PCT% of the data pages, page in the rest
@@ -64,7 +65,7 @@ function onSignals(): { signal: AbortSignal; off(): void } {
 }
 
 export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<void> {
-  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'cluster-size', 'max-in-flight', 'page-size'], ['stop', 'background', 'force'], { f: 'force', S: 'page-size' });
+  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size'], ['stop', 'background', 'force'], { f: 'force', S: 'page-size' });
   if (args.help) return usage();
   const { socket, image } = socketAndImage(args, 'IMAGE (the snapshot file to write)');
   if (args.stop && args.background) throw new UsageError('--stop and --background exclude each other');
@@ -74,6 +75,9 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
   const cs = one(args['cluster-size'], '--cluster-size');
   const ps = one(args['page-size'], '--page-size');
   const mif = one(args['max-in-flight'], '--max-in-flight');
+  const bw = one(args['max-bandwidth'], '--max-bandwidth');
+  const maxBandwidth = bw === undefined ? undefined : parseSize(bw, '--max-bandwidth');
+  if (maxBandwidth === 0) throw new UsageError('--max-bandwidth: must be more than 0');
   const line = new ProgressLine(progress);
   const sig = onSignals();
   const { saveViaQmp } = await import('../src/qmp/save');
@@ -81,6 +85,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
     const r = await saveViaQmp(socket, image, {
       mode: args.background ? 'background' : args.stop ? 'stop' : 'live',
       downtimeLimitMs: dl === undefined ? undefined : Number(dl),
+      maxBandwidth,
       force: args.force === true,
       clusterSize: cs === undefined ? undefined : parseSize(cs, '--cluster-size'),
       pageSize: ps === undefined ? undefined : parseSize(ps, '--page-size'),

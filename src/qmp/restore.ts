@@ -14,7 +14,7 @@ import { FdWriter } from '../util/fd-writer';
 import { loadSnapshot, LoadResult } from '../snapshot/load';
 import { openSnapshot } from '../snapshot/snapshot-image';
 import { QmpClient, QmpCommandError, QmpConnectOptions } from './client';
-import { MigrationInfo, RunState, closeFd, isTerminal, passFd, socketPair, waitMigration } from './migration';
+import { MigrationInfo, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
 
 export class QmpRestoreError extends QemuSnapError {
   constructor(
@@ -134,7 +134,7 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
     };
     const qemuDone = waitMigration(
       qmp,
-      (s) => isTerminal(s) && s !== 'none',
+      (s) => s === 'completed' || s === 'failed' || s === 'cancelled',
       {
         pollMs: 20,
         onInfo: (i) => {
@@ -148,22 +148,25 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
     );
     const first = await Promise.race([loading.then((l) => ({ from: 'load' as const, l })), qemuDone.then((q) => ({ from: 'qemu' as const, q }))]);
     if (first.from === 'load' && !first.l.ok) {
-      // Our side failed: QEMU sees the stream end early and fails too.
-      const q = await Promise.race([qemuDone, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
-      const desc = q?.ok ? q.i['error-desc'] : undefined;
       if (opts.signal?.aborted) throw new QmpRestoreError('interrupted', `restore interrupted (${String(opts.signal.reason ?? 'aborted')}): the incoming migration failed`);
-      throw new QmpRestoreError('qemu-snap', `qemu-snap failed: ${first.l.err.message}${desc ? ` (QEMU: ${desc})` : ''}`);
+      // Either our side failed (QEMU then sees the stream end early), or
+      // QEMU refused the stream and closed its end (our write fails): QEMU's
+      // final status tells which.
+      const q = await Promise.race([qemuDone, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
+      if (q?.ok && q.i.status === 'failed' && isPeerGone(first.l.err)) throw await qemuRefused(qmp, imagePath, q.i);
+      if (q && !q.ok && isPeerGone(first.l.err)) throw wentAway(q.err, keepsRunning);
+      throw new QmpRestoreError('qemu-snap', `qemu-snap failed: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? ` (then QEMU: ${q.i['error-desc']})` : ''}`);
     }
     const q = await qemuDone;
     if (!q.ok) {
       stopLoad.abort(q.err);
       await loading;
-      throw new QmpRestoreError('qemu', `QEMU went away during the restore (${q.err.message}): ${keepsRunning ? '' : 'QEMU before 9.1 exits when an incoming migration fails; '}its reason is on QEMU's stderr`);
+      throw wentAway(q.err, keepsRunning);
     }
     if (q.i.status !== 'completed') {
       stopLoad.abort(new QemuSnapError(`QEMU ${q.i.status} the migration`));
-      const l = await loading;
-      throw new QmpRestoreError('qemu', `QEMU refused the image: ${q.i['error-desc'] ?? (l.ok ? `migration ${q.i.status}` : l.err.message)}`);
+      await loading;
+      throw await qemuRefused(qmp, imagePath, q.i);
     }
     const completedMs = performance.now() - t0;
     const l = await loading;
@@ -189,6 +192,26 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       }
     }
   }
+}
+
+function isPeerGone(err: Error): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'EPIPE' || code === 'ECONNRESET' || /EPIPE|ECONNRESET|closed the pipe|premature close|closed its return path|rejected POSTCOPY_ADVISE/i.test(err.message);
+}
+
+function wentAway(err: Error, keepsRunning: boolean): QmpRestoreError {
+  return new QmpRestoreError('qemu', `QEMU went away during the restore (${err.message}): ${keepsRunning ? '' : 'QEMU before 9.1 exits when an incoming migration fails; '}its reason is on QEMU's stderr`);
+}
+
+/** QEMU's reason (query-migrate error-desc), with what `info ramblock` shows when the RAM layout differs. */
+async function qemuRefused(qmp: QmpClient, imagePath: string, info: MigrationInfo): Promise<QmpRestoreError> {
+  let layout = '';
+  try {
+    await checkRamBlocks(qmp, imagePath);
+  } catch (err) {
+    layout = `; ${(err as Error).message.replace(/^the destination does not match the image: /, '')}`;
+  }
+  return new QmpRestoreError('qemu', `QEMU refused the image: ${info['error-desc'] ?? `migration ${info.status}`}${layout}`);
 }
 
 /** Before any byte goes out: QEMU's RAM blocks must be the image's, or a QEMU < 9.1 would exit on the first mismatch. */
