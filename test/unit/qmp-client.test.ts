@@ -111,7 +111,7 @@ test('a command QEMU never answers times out; a QEMU that goes away fails pendin
   assert.instance(timeout, QmpTimeoutError);
   assert.ok(Date.now() - t0 < 2000);
   const pending = qmp.execute('hang', undefined, { timeoutMs: 60_000 });
-  const gone = await qmp.execute('die', undefined, { timeoutMs: 60_000 }).catch((e: Error) => e);
+  const gone = (await qmp.execute('die', undefined, { timeoutMs: 60_000 }).catch((e: Error) => e)) as Error;
   assert.instance(gone, QmpConnectionError);
   assert.match(gone.message, /QEMU closed the connection/);
   assert.instance(await pending.catch((e: Error) => e), QmpConnectionError);
