@@ -247,11 +247,12 @@ async function cmdLoad(argv: string[]): Promise<void> {
 }
 
 async function cmdInfo(argv: string[]): Promise<void> {
-  const { args } = parse(argv, { boolean: ['json'] });
+  const { args, common } = parse(argv, { boolean: ['json'] });
   if (args.help) return void stdout().write(USAGE + '\n');
   const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
   const { describeFile, formatInfo } = await import('../src/snapshot/info');
-  const info = await describeFile(file);
+  const progress = new ProgressLine(common.progress);
+  const info = await describeFile(file, (bytes, pages) => progress.update(bytes, pages)).finally(() => progress.clear());
   stdout().write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
 }
 
@@ -260,7 +261,8 @@ async function cmdVerify(argv: string[]): Promise<void> {
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to check)');
   const { verifySnapshot } = await import('../src/snapshot/verify');
-  const r = await verifySnapshot(image);
+  const progress = new ProgressLine(common.progress);
+  const r = await verifySnapshot(image, { onProgress: (bytes, pages) => progress.update(bytes, pages) }).finally(() => progress.clear());
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 

@@ -17,7 +17,12 @@ export interface VerifyResult {
 const CHUNKS_IN_FLIGHT = 3;
 
 /** Verifies every chunk of the virtual disk against the image's digest table. */
-export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigester, signal?: AbortSignal): Promise<{ chunks: number; dataPages: number }> {
+export async function verifyChunks(
+  snap: SnapshotContents,
+  digester: ChunkDigester,
+  signal?: AbortSignal,
+  onProgress?: (bytes: number, pages: number) => void,
+): Promise<{ chunks: number; dataPages: number }> {
   const table = snap.digests;
   if (!table) throw new QemuSnapError(`${snap.path}: no RAM digests to verify`);
   const size = snap.image.virtualSize;
@@ -25,6 +30,7 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
   const zeros = await createChunkHasher(table.algorithm);
   let next = 0;
   let dataPages = 0;
+  let checked = 0;
   const worker = async (): Promise<void> => {
     while (next < table.chunks.length) {
       if (signal?.aborted) throw new QemuSnapError('verification interrupted');
@@ -44,6 +50,8 @@ export async function verifyChunks(snap: SnapshotContents, digester: ChunkDigest
       if (crc !== table.chunks[c]) {
         throw new DigestMismatchError(`${snap.path}: RAM digest mismatch ${where(snap, offset)} (chunk ${c}): the image is damaged`);
       }
+      checked += length;
+      onProgress?.(checked, dataPages);
     }
   };
   await Promise.all(Array.from({ length: CHUNKS_IN_FLIGHT }, worker));
@@ -57,7 +65,7 @@ export function where(snap: SnapshotContents, offset: number): string {
 }
 
 /** `qemu-snap verify`: structure (open checks everything load checks) and, when present, every digest. */
-export async function verifySnapshot(path: string): Promise<VerifyResult> {
+export async function verifySnapshot(path: string, opts: { onProgress?(bytes: number, pages: number): void } = {}): Promise<VerifyResult> {
   const snap = await openSnapshot(path);
   try {
     if (!snap.digests) {
@@ -65,7 +73,7 @@ export async function verifySnapshot(path: string): Promise<VerifyResult> {
     }
     const digester = new ChunkDigester(snap.header.pageSize, snap.digests.algorithm);
     try {
-      const r = await verifyChunks(snap, digester);
+      const r = await verifyChunks(snap, digester, undefined, opts.onProgress);
       if (r.dataPages !== snap.header.dataPages) {
         throw new DigestMismatchError(`${path}: the image holds ${r.dataPages} data pages, its STVM header says ${snap.header.dataPages}`);
       }

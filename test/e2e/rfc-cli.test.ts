@@ -114,4 +114,20 @@ test('qemu-snap -S 8192 load FILE refuses an image of 4096-byte pages; -s 128M l
   assert.match(s.stderr, /larger than the image size limit/);
 });
 
+test('--progress works for info and verify too', async () => {
+  const streamFile = path.join(dir, 'progress.stream');
+  const l = await runCli(['load', '-q', '-o', streamFile, image]);
+  assert.is(l.code, 0, l.stderr);
+  const v = await runCli(['verify', '--progress', image]);
+  assert.is(v.code, 0, v.stderr);
+  assert.match(v.stderr, /\r[\d.]+ MiB +\d+ pages/);
+  assert.match(v.stderr, /ok: \d+ RAM chunks/);
+  const i = await runCli(['info', '--progress', '--json', streamFile]);
+  assert.is(i.code, 0, i.stderr);
+  assert.match(i.stderr, /\r[\d.]+ MiB +\d+ pages/);
+  assert.is(JSON.parse(i.stdout.toString()).kind, 'stream');
+  const quiet = await runCli(['info', '--no-progress', streamFile]);
+  assert.is(quiet.stderr, '');
+});
+
 test.run();
