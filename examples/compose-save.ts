@@ -9,22 +9,20 @@ import { MigrationFramer, SnapshotWriter, OrderedBlockWriter, Qcow2Image, ImageB
 async function composeSave(input: NodeJS.ReadableStream, imagePath: string): Promise<void> {
   // Routes RAM to the virtual disk and the device state to QCOW2's VM state area.
   const target = new ImageBlockTarget();
-  let image: Qcow2Image | null = null;
   const writer = new SnapshotWriter({
-    // Called once the stream's RAM block list is known: the disk is sized by it.
+    // Called once the stream's RAM block list is known: it sizes the disk.
     prepareImage: async (virtualSize) => {
-      image = await Qcow2Image.create(imagePath, { virtualSize });
-      target.image = image;
-      return image.vmStateOffset;
+      target.image = await Qcow2Image.create(imagePath, { virtualSize });
+      return target.image.vmStateOffset;
     },
   });
   const ring = new OrderedBlockWriter(target, { onComplete: (w) => writer.writeDone(w) });
   await pumpAsync(input, new MigrationFramer({ pageRuns: true }), writer, ring);
-  const done = image as Qcow2Image | null;
-  if (!done) throw new Error('the stream ended before its RAM block list');
+  const image = target.image;
+  if (!image) throw new Error('the stream ended before its RAM block list');
   // The STVM header (and digests, with a ChunkTracker on target.tracker), then flush and fsync.
-  await finishSnapshotImage(done, writer.summary());
-  await done.close();
+  await finishSnapshotImage(image, writer.summary());
+  await image.close();
 }
 
 async function main(): Promise<void> {
