@@ -64,6 +64,12 @@ function onSignals(): { signal: AbortSignal; off(): void } {
   return { signal: ac.signal, off: () => sigs.forEach((s) => process.off(s, handler)) };
 }
 
+/** QEMU's side of the progress line, from query-migrate. */
+function qemuFigures(p: { status?: string; transferred?: number; remaining?: number; dirtyPagesRate?: number; iteration?: number }): string {
+  if (p.status === undefined) return '';
+  return `QEMU ${p.status}: sent ${formatBytes(p.transferred ?? 0)}, ${formatBytes(p.remaining ?? 0)} to go, dirty ${p.dirtyPagesRate ?? 0} pages/s, pass ${p.iteration ?? 0}`;
+}
+
 export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<void> {
   const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size'], ['stop', 'background', 'force'], { f: 'force', S: 'page-size' });
   if (args.help) return usage();
@@ -91,12 +97,10 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
       pageSize: ps === undefined ? undefined : parseSize(ps, '--page-size'),
       maxInFlight: mif === undefined ? undefined : Number(mif),
       signal: sig.signal,
-      onProgress: (p) => {
-        const qemu = p.status === undefined ? '' : `QEMU ${p.status}: sent ${formatBytes(p.transferred ?? 0)}, ${formatBytes(p.remaining ?? 0)} to go, dirty ${p.dirtyPagesRate ?? 0} pages/s, pass ${p.iteration ?? 0}`;
-        line.update(p.streamBytes, p.pageRecords, qemu);
-      },
+      onProgress: (p) => line.update(p.streamBytes, p.pageRecords, qemuFigures(p)),
     });
-    line.done(r.streamBytes, r.pageRecords, `QEMU ${r.migration.status}`);
+    const ram = r.migration.ram;
+    line.done(r.streamBytes, r.pageRecords, qemuFigures({ status: r.migration.status, transferred: ram?.transferred, remaining: ram?.remaining, dirtyPagesRate: ram?.['dirty-pages-rate'], iteration: ram?.['dirty-sync-count'] }));
     if (!quiet) {
       const m = r.migration;
       process.stderr.write(

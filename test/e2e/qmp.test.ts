@@ -196,6 +196,9 @@ test('restore --qmp --paused into a firmware VM: precopy, memory matches, left p
     const r = await runCli(['save', '-q', '--qmp', sock, image]);
     assert.is(r.code, 0, r.stderr);
     assert.is(r.stderr, '');
+    const again = await runCli(['save', '--progress', '--force', '--qmp', sock, image]);
+    assert.is(again.code, 0, again.stderr);
+    assert.match(again.stderr, /\r.*QEMU completed: sent [\d.]+ MiB, 0 B to go/, `progress with query-migrate figures: ${JSON.stringify(again.stderr)}`);
   } finally {
     await src.stop();
   }
@@ -207,6 +210,60 @@ test('restore --qmp --paused into a firmware VM: precopy, memory matches, left p
     assert.match(r.stderr, /left paused/);
     assert.is((await dst.queryStatus()).running, false);
     const dump = path.join(dir, 'fw-dst.mem');
+    await dst.pmemsave(dump, FW_PAT_SIZE, FW_PAT_ADDR);
+    assert.is(compareRange(dump, 0, fs.readFileSync(fwPattern)), -1);
+    fs.unlinkSync(dump);
+  } finally {
+    await dst.stop();
+  }
+});
+
+// background-snapshot streams send device state in the middle of the ram
+// section; the framer learns them on another branch (issue 13). Until then
+// the save must fail the way the issue asks (QEMU says completed, we exit 1
+// and keep nothing); with it, the image must restore.
+test('save --qmp --background: the VM never stops, settings put back; exit 0 only with a published image', async () => {
+  const image = path.join(dir, 'background.qcow2');
+  const sock = snapSocket();
+  const src = await firmwareSource(sock, 'qmp-background');
+  let code: number | null;
+  try {
+    const before = await settings(src);
+    const seenBefore = src.qmp.events.length;
+    const r = await runCli(['save', '--background', '--progress', '--qmp', sock, image]);
+    code = r.code;
+    assert.match(r.stderr, /QEMU (setup|active|completed)/, 'progress from query-migrate');
+    assert.equal(await settings(src), before, 'capabilities and parameters as they were');
+    assert.is((await src.queryStatus()).status, 'running');
+    // background-snapshot stops the VM once, at the start, for the device
+    // state, and write-protects RAM instead of stopping for it.
+    const runEvents = src.qmp.events.slice(seenBefore).filter((e) => e.event === 'STOP' || e.event === 'RESUME');
+    assert.ok(runEvents.length <= 2, `one stop at most: ${runEvents.map((e) => e.event).join(', ')}`);
+    if (runEvents.length > 0) {
+      assert.equal(runEvents.map((e) => e.event), ['STOP', 'RESUME']);
+      const stoppedMs = runEvents[1].receivedAt - runEvents[0].receivedAt;
+      assert.ok(stoppedMs < 1000, `stopped ${stoppedMs} ms, not for the RAM`);
+    }
+    assert.is((await src.queryMigrate()).status, 'completed', 'QEMU completed its side either way');
+    if (r.code === 0) {
+      assert.match(r.stderr, /saved .* the VM is running/);
+    } else {
+      assert.is(r.code, 1);
+      const last = r.stderr.trim().split('\n').pop() ?? '';
+      assert.match(last, /^qemu-snap: qemu-snap failed: bad stream .* arrives before the end of the ram section; QEMU completed its side, no image written$/);
+      assert.not.ok(fs.existsSync(image));
+      assert.equal(fs.readdirSync(dir).filter((f) => f.startsWith('.background')), [], 'no temporary file');
+    }
+  } finally {
+    await src.stop();
+  }
+  if (code !== 0) return;
+  const dsock = snapSocket();
+  const dst = await startVm(withSnapQmp({ memMiB: FW_MIB, paused: true, incoming: 'defer', name: 'qmp-background-dst' }, dsock));
+  try {
+    const r = await runCli(['restore', '--qmp', dsock, image]);
+    assert.is(r.code, 0, r.stderr);
+    const dump = path.join(dir, 'bg-dst.mem');
     await dst.pmemsave(dump, FW_PAT_SIZE, FW_PAT_ADDR);
     assert.is(compareRange(dump, 0, fs.readFileSync(fwPattern)), -1);
     fs.unlinkSync(dump);
