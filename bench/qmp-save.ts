@@ -51,11 +51,36 @@ async function main(): Promise<void> {
       await vm.cont();
       fs.rmSync(raw, { force: true });
     }
+    // Restores of one image: restore --qmp (precopy, cont at completion)
+    // against -incoming "exec:qemu-snap load" (QEMU started with -S, time to completed).
+    const image = path.join(dir, 'vm.qcow2');
+    const s = spawnSync(process.execPath, [CLI, 'save', '-q', '--force', '--qmp', sock, image], { encoding: 'utf8' });
+    if (s.status !== 0) throw new Error(`save --qmp: ${s.stderr}`);
+    for (let i = 0; i < runs; i++) {
+      const dsock = path.join(dir, `dst-${i}.sock`);
+      const dst = await startVm({ memMiB, paused: true, incoming: 'defer', name: 'bench-qmp-dst', extraArgs: ['-qmp', `unix:${dsock},server=on,wait=off`] });
+      try {
+        const t = performance.now();
+        const r = spawnSync(process.execPath, [CLI, 'restore', '--qmp', dsock, image], { encoding: 'utf8' });
+        if (r.status !== 0) throw new Error(`restore --qmp: ${r.stderr}`);
+        keep('restore --qmp', performance.now() - t, Number(/completed after (\d+) ms/.exec(r.stderr)?.[1] ?? -1));
+      } finally {
+        await dst.stop();
+      }
+      const t = performance.now();
+      const ex = await startVm({ memMiB, paused: true, incoming: `exec:${shellQuote(process.execPath)} ${shellQuote(CLI)} load -q ${shellQuote(image)}`, name: 'bench-exec-dst' });
+      try {
+        await ex.waitForMigrationStatus('completed', 120_000);
+        keep('-incoming exec:qemu-snap load', performance.now() - t, -1);
+      } finally {
+        await ex.stop();
+      }
+    }
   } finally {
     await vm.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  console.log(`running KVM VM, ${memMiB} MiB with ${dataMiB} MiB of random data, best of ${runs} (wall: command start to exit / to completed; the exec: rows have max-bandwidth raised by the harness):`);
+  console.log(`running KVM VM, ${memMiB} MiB with ${dataMiB} MiB of random data, best of ${runs} (wall: command start to exit, or to completed; the exec: save rows have max-bandwidth raised by the harness; the exec: load row includes QEMU's start-up):`);
   for (const [name, b] of Object.entries(best)) console.log(`  ${name.padEnd(30)} wall ${b.wall.toFixed(0)} ms  QEMU total-time ${b.total} ms`);
 }
 

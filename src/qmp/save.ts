@@ -10,6 +10,7 @@
 // duration and put back; the VM is left in the run state it had (or stopped,
 // for --stop) whatever happens.
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { QemuSnapError } from '../errors';
 import { FdReader } from '../util/fd-reader';
 import { FdWriter } from '../util/fd-writer';
@@ -96,6 +97,12 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
   if (!opts.force && (await fs.promises.lstat(imagePath).then(() => true, () => false))) {
     throw new QmpSaveError('qemu-snap', `${imagePath}: already exists (use --force to replace it); QEMU was not touched`);
   }
+  // The image is made beside its final name: a directory we cannot write is
+  // found before QEMU starts anything.
+  const imageDir = path.dirname(path.resolve(imagePath));
+  await fs.promises.access(imageDir, fs.constants.W_OK | fs.constants.X_OK).catch((err: NodeJS.ErrnoException) => {
+    throw new QmpSaveError('qemu-snap', `${imageDir}: cannot write the image there (${err.code ?? err.message}); QEMU was not touched`);
+  });
   const before = await qmp.execute<RunState>('query-status');
   const state = await qmp.execute<MigrationInfo>('query-migrate');
   if (isInProgress(state.status)) throw new QmpSaveError('qemu', `QEMU is already migrating (status ${state.status}): nothing was changed`);

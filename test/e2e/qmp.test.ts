@@ -193,6 +193,13 @@ test('restore --qmp --paused into a firmware VM: precopy, memory matches, left p
   const sock = snapSocket();
   const src = await firmwareSource(sock, 'qmp-fw-src');
   try {
+    const before = await settings(src);
+    const nodir = await runCli(['save', '--qmp', sock, path.join(dir, 'no-such-dir', 'x.qcow2')]);
+    assert.is(nodir.code, 1);
+    assert.ok(isOneLineError(nodir.stderr), nodir.stderr);
+    assert.match(nodir.stderr, /cannot write the image there \(ENOENT\); QEMU was not touched/);
+    assert.equal(await settings(src), before);
+    assert.is((await src.queryMigrate()).status, undefined, 'no migration was started');
     const r = await runCli(['save', '-q', '--qmp', sock, image]);
     assert.is(r.code, 0, r.stderr);
     assert.is(r.stderr, '');
