@@ -152,11 +152,14 @@ export async function waitMigration(
   }
 }
 
+/** Socket buffers of the migration socketpair, as big as the pipes qemu-snap asks for (QEMU_SNAP_SOCKET_BUFFER=N overrides, 0 leaves the kernel's). */
+const SOCKET_BUFFER = process.env.QEMU_SNAP_SOCKET_BUFFER !== undefined ? Number(process.env.QEMU_SNAP_SOCKET_BUFFER) || 0 : 1 << 20;
+
 /** A connected socketpair: [ours, theirs]. Needs the native module. */
 export function socketPair(): [number, number] {
   const n = native();
   if (!n?.socketPair) throw new MigrationSetupError('driving QEMU over QMP needs the native module (socketpair and fd passing): run npm run build:native');
-  return n.socketPair();
+  return n.socketPair(SOCKET_BUFFER);
 }
 
 let fdCounter = 0;
