@@ -140,7 +140,8 @@ test('save --qmp of a live Linux guest: it counts on, parameters are put back, t
     assert.is(compareRange(dump, 0, patternBytes(PAT_SIZE, PATTERN_SEED)), -1, 'restored pattern region');
     const t = await waitForTick(dstSerial, 1, 60_000);
     const first = firstTick(dstSerial);
-    assert.ok(first >= tickBefore && first <= tickAfter + 1, `the restored guest counts on from the save point: first tick ${first}, save ran over ticks ${tickBefore}..${tickAfter} (now ${t})`);
+    // +2: the tick being printed at the switch may sit half in the UART and arrive torn.
+    assert.ok(first >= tickBefore && first <= tickAfter + 2, `the restored guest counts on from the save point: first tick ${first}, save ran over ticks ${tickBefore}..${tickAfter} (now ${t})`);
   } finally {
     await dst.stop();
   }
@@ -178,7 +179,7 @@ test('save --qmp --stop leaves the guest stopped; restore --qmp --postcopy 10 ru
     assert.is((await dst.queryStatus()).status, 'running');
     await waitForTick(dstSerial, savedTick + 2, 60_000);
     const first = firstTick(dstSerial);
-    assert.ok(first >= savedTick && first <= savedTick + 1, `counts on from ${savedTick} (first tick ${first})`);
+    assert.ok(first >= savedTick && first <= savedTick + 2, `counts on from ${savedTick} (first tick ${first}; +2: a tick torn in the UART)`);
   } finally {
     await dst.stop();
   }
