@@ -18,6 +18,8 @@ import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
 import { formatBytes } from '../src/util/size';
 import { REFUSAL_NOTICE } from '../src/snapshot/refusal';
+import { QMP_USAGE, wantsQmp, cmdSaveQmp, cmdRestoreQmp } from './qmp-commands';
+import { rfcArguments, printVersion } from './rfc-args';
 
 // The per-page records die young: a smaller young generation (V8's default
 // lets it grow to 16 MiB per semi-space) keeps peak RSS about 25 MiB lower
@@ -88,23 +90,28 @@ const USAGE = `usage:
       --cluster-size SIZE     QCOW2 cluster size, 64K..2M (default 1M)
       --max-in-flight N       block writes outstanding (default 8)
       -f, --force             replace an existing IMAGE
+      -s, --image-size SIZE   refuse a stream whose guest RAM is larger than SIZE
   qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
       -o, --output FILE       write the stream to FILE instead of stdout
       -S, --page-size SIZE    refuse an image whose page size differs
       --max-in-flight N       block reads outstanding (default 8)
-      --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
+      -p, --postcopy PCT      start the VM after PCT% of the data pages, page in the rest
                               on demand (the destination needs the postcopy-ram capability)
       --host-page-size [BLOCK=]SIZE[,...]
                               the destination's host page size (hugepage-backed RAM) for
                               postcopy, when the stream did not record it: for BLOCK, or
                               for every block whose length is a multiple of SIZE
       --no-verify             do not check RAM against the image's digests
+      -s, --image-size SIZE   refuse an image whose guest RAM is larger than SIZE
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
   qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
 common options:
   --progress / --no-progress  progress on stderr (default: when stderr is a terminal)
   -q, --quiet                 no messages but errors
-  -h, --help                  this text`;
+  -h, --help                  this text
+driving QEMU over QMP (give qemu-snap a -qmp socket of its own: QEMU serves one client per socket):
+${QMP_USAGE}
+the RFC's form: qemu-snap [-s SIZE] [-S SIZE] [-p PCT] [-V] [-h] save|load FILE`;
 
 // QEMU_SNAP_STATS=1: one JSON line of figures on stderr at exit, for the benchmarks.
 const wantStats = process.env.QEMU_SNAP_STATS === '1';
@@ -182,6 +189,11 @@ function onePositional(args: minimist.ParsedArgs, what: string): string {
 const INTERRUPT_GRACE_MS = 700;
 /** Set once the one line on stderr has been written. */
 let reported = false;
+/** -s/--image-size SIZE (the RFC's): the most guest RAM the image may hold. */
+function imageSizeArg(args: minimist.ParsedArgs): number | undefined {
+  const v = oneString(args['image-size'], '--image-size');
+  return v === undefined ? undefined : parseSize(v, '--image-size');
+}
 
 /** SIGINT/SIGTERM/SIGPIPE abort the work: cleanup runs, then exit 1. */
 function abortOnSignals(what: string): AbortController {
@@ -219,9 +231,9 @@ function hardExit(code: number): void {
 
 async function cmdSave(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['input', 'page-size', 'cluster-size', 'max-in-flight'],
+    string: ['input', 'page-size', 'cluster-size', 'max-in-flight', 'image-size'],
     boolean: ['force'],
-    alias: { i: 'input', S: 'page-size', f: 'force' },
+    alias: { i: 'input', S: 'page-size', f: 'force', s: 'image-size' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot file to write)');
@@ -257,6 +269,7 @@ async function cmdSave(argv: string[]): Promise<void> {
       clusterSize,
       maxInFlight,
       force: args.force === true,
+      maxRamSize: imageSizeArg(args),
       returnPath: stdout(),
       signal: ac.signal,
       onProgress: (bytes, _pages, summary) => progress.update(saveProgress(bytes, summary)),
@@ -279,10 +292,10 @@ async function cmdLoad(argv: string[]): Promise<void> {
   // Set before the arguments are parsed: a usage error is a refusal too.
   if (isConsumer(1)) loadStreamBytes = () => 0;
   const { args, common } = parse(argv, {
-    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'host-page-size'],
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'host-page-size', 'image-size'],
     boolean: ['verify'],
     default: { verify: true },
-    alias: { o: 'output', S: 'page-size' },
+    alias: { o: 'output', S: 'page-size', p: 'postcopy', s: 'image-size' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to load)');
@@ -328,6 +341,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
       postcopy,
       hostPageSizes,
       verify: args.verify !== false,
+      maxRamSize: imageSizeArg(args),
       returnPath: postcopy === undefined ? undefined : process.stdin,
       signal: ac.signal,
       onProgress: (bytes, _pages, state) => progress.update(loadProgress(bytes, state)),
@@ -345,11 +359,12 @@ async function cmdLoad(argv: string[]): Promise<void> {
 }
 
 async function cmdInfo(argv: string[]): Promise<void> {
-  const { args } = parse(argv, { boolean: ['json'] });
+  const { args, common } = parse(argv, { boolean: ['json'] });
   if (args.help) return void stdout().write(USAGE + '\n');
   const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
   const { describeFile, formatInfo } = await import('../src/snapshot/info');
-  const info = await describeFile(file);
+  const progress = new ProgressLine('info', progressMode(common));
+  const info = await describeFile(file, (bytes, pages) => progress.update({ covered: bytes, total: 0, moved: bytes, noun: 'of input', detail: `${pages} page records` })).finally(() => progress.clear());
   stdout().write(args.json ? JSON.stringify(info, null, 2) + '\n' : formatInfo(info));
 }
 
@@ -376,13 +391,26 @@ async function cmdVerify(argv: string[]): Promise<void> {
   if (!common.quiet) process.stderr.write(`qemu-snap: ${image}: ${r.summary}\n`);
 }
 
-async function main(argv: string[]): Promise<number> {
-  const [cmd, ...rest] = argv;
+async function main(argvIn: string[]): Promise<number> {
+  // Until the arguments are parsed, a load is any command line naming it.
+  let cmd: string | undefined = argvIn.includes('load') ? 'load' : undefined;
   try {
+    // The RFC's order, options before the command: moved after it.
+    const argv = rfcArguments(argvIn);
+    cmd = argv[0];
+    const rest = argv.slice(1);
     switch (cmd) {
       case 'save':
-        await cmdSave(rest);
+        if (wantsQmp(rest)) await cmdSaveQmp(rest, () => void stdout().write(USAGE + '\n'));
+        else await cmdSave(rest);
         break;
+      case 'restore':
+        await cmdRestoreQmp(rest, () => void stdout().write(USAGE + '\n'));
+        break;
+      case '-V':
+      case '--version':
+        printVersion(stdout());
+        return 0;
       case 'load':
         await cmdLoad(rest);
         break;
@@ -398,7 +426,7 @@ async function main(argv: string[]): Promise<number> {
         stdout().write(USAGE + '\n');
         return 0;
       case undefined:
-        fail('missing command (save, load, info, verify)');
+        fail('missing command (save, load, restore, info, verify)');
         break;
       default:
         fail(`unknown command '${cmd}'`);

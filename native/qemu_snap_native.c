@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -556,6 +557,98 @@ static napi_value xxh64_low(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// ---- fd passing (QMP getfd) ----
+//
+// QEMU takes file descriptors over its QMP socket as SCM_RIGHTS ancillary
+// data on the message that carries the `getfd` command. Node cannot send
+// ancillary data on a net.Socket, and has no socketpair(2).
+
+// socketPair(bufferBytes?) -> [fd0, fd1]: a connected AF_UNIX stream pair,
+// blocking, close-on-exec. With bufferBytes, both ends get SO_SNDBUF and
+// SO_RCVBUF of that size (best effort, capped by net.core.wmem_max): like a
+// 1 MiB pipe, fewer hand-offs between writer and reader.
+static napi_value socket_pair(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t bytes = 0;
+  if (argc >= 1 && !get_i64(env, argv[0], &bytes)) bytes = 0;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return throw_errno(env, "socketpair", errno);
+  if (bytes > 0 && bytes <= (1 << 30)) {
+    int size = (int)bytes;
+    for (int i = 0; i < 2; i++) {
+      setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+      setsockopt(sv[i], SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    }
+  }
+  napi_value out, a, b;
+  if (napi_create_array_with_length(env, 2, &out) != napi_ok || napi_create_int32(env, sv[0], &a) != napi_ok ||
+      napi_create_int32(env, sv[1], &b) != napi_ok || napi_set_element(env, out, 0, a) != napi_ok ||
+      napi_set_element(env, out, 1, b) != napi_ok) {
+    close(sv[0]);
+    close(sv[1]);
+    napi_throw_error(env, "ENOMEM", "socketpair: cannot return the pair");
+    return NULL;
+  }
+  return out;
+}
+
+// sendFd(sockFd, fd, data) -> bytes sent: sendmsg(2) of `data` with `fd` as
+// SCM_RIGHTS. The socket may be non-blocking (Node's): a full socket is
+// waited out with poll(2), at most 5 s. The descriptor rides on the first
+// byte; what a short send left is sent plainly.
+static napi_value send_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t sock, fd;
+  void *data = NULL;
+  size_t length = 0;
+  if (argc < 3 || !get_i64(env, argv[0], &sock) || !get_i64(env, argv[1], &fd) ||
+      napi_get_buffer_info(env, argv[2], &data, &length) != napi_ok || length == 0)
+    CHECK(napi_invalid_arg);
+  size_t done = 0;
+  while (done < length) {
+    struct iovec iov = {(char *)data + done, length - done};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union {
+      char buf[CMSG_SPACE(sizeof(int))];
+      struct cmsghdr align;
+    } control;
+    if (done == 0) {
+      memset(&control, 0, sizeof control);
+      msg.msg_control = control.buf;
+      msg.msg_controllen = sizeof control.buf;
+      struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      int passed = (int)fd;
+      memcpy(CMSG_DATA(c), &passed, sizeof passed);
+    }
+    ssize_t n = sendmsg((int)sock, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        struct pollfd p = {(int)sock, POLLOUT, 0};
+        int r = poll(&p, 1, 5000);
+        if (r == 0) return throw_errno(env, "sendmsg(SCM_RIGHTS)", ETIMEDOUT);
+        if (r < 0 && errno != EINTR) return throw_errno(env, "poll", errno);
+        continue;
+      }
+      return throw_errno(env, "sendmsg(SCM_RIGHTS)", errno);
+    }
+    done += (size_t)n;
+  }
+  napi_value out;
+  CHECK(napi_create_int64(env, (int64_t)done, &out));
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pipeSize", NULL, pipe_size, NULL, NULL, NULL, napi_default, NULL},
@@ -570,6 +663,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"exitNow", NULL, exit_now, NULL, NULL, NULL, napi_default, NULL},
       {"linkFd", NULL, link_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"socketPair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},
+      {"sendFd", NULL, send_fd, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   napi_value n;

@@ -20,7 +20,11 @@ export { STVM_MAGIC, VMSTATE_HEADER_SIZE, BLOCK_ALIGNMENT, SnapshotFormatError, 
 export type { SnapshotHeader, RamBlockLayout } from './snapshot/layout';
 export { SnapshotWriter, SnapshotSaveError } from './snapshot/snapshot-writer';
 export type { SnapshotWriterOptions, SnapshotSummary } from './snapshot/snapshot-writer';
-export { saveSnapshot, SaveTargetError, SaveAbortedError } from './snapshot/save';
+export { saveSnapshot, SaveTargetError, SaveAbortedError, ImageBlockTarget } from './snapshot/save';
+export { finishSnapshotImage } from './snapshot/finish';
+export { ChunkTracker } from './snapshot/chunk-tracker';
+export { createLoadStream } from './snapshot/load-stream';
+export type { LoadStreamOptions } from './snapshot/load-stream';
 export type { SaveOptions, SaveResult } from './snapshot/save';
 export { LoadEncoder } from './snapshot/load-encoder';
 export type { LoadEncoderOptions } from './snapshot/load-encoder';
@@ -33,6 +37,9 @@ export { describeFile, describeStream, describeImage, formatInfo } from './snaps
 export type { Info, StreamInfo, ImageInfo, DeviceInfo } from './snapshot/info';
 export { InputGate } from './snapshot/input-gate';
 export { parseSize } from './util/size';
+// pump as a promise, for pipelines that mix streamx and Node streams.
+export { pumpAsync } from './util/pump';
+export type { AnyStream } from './util/pump';
 export { verifySnapshot, verifyChunks, StreamVerifier } from './snapshot/verify';
 export type { VerifyResult } from './snapshot/verify';
 export { ChunkDigester, DigestMismatchError, encodeDigestTable, decodeDigestHeader, decodeDigestTable, DIGEST_CHUNK_SIZE } from './snapshot/digests';
@@ -41,3 +48,6 @@ export type { ChunkHasher, DigestAlgorithm } from './snapshot/chunk-hash';
 export type { DigestTable } from './snapshot/digests';
 export { FdReader } from './util/fd-reader';
 export { FdWriter, isPipe } from './util/fd-writer';
+
+// Driving QEMU over QMP: client, save and restore through getfd'd socketpairs.
+export * from './qmp';

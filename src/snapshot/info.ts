@@ -59,8 +59,11 @@ export type Info = StreamInfo | ImageInfo;
 
 const QCOW2_MAGIC = 0x514649fb;
 
-export async function describeFile(file: string): Promise<Info> {
-  if (file === '-') return describeStream(process.stdin, '-');
+/** Progress of describing a stream: bytes read, page records seen. */
+export type DescribeProgress = (bytes: number, pages: number) => void;
+
+export async function describeFile(file: string, onProgress?: DescribeProgress): Promise<Info> {
+  if (file === '-') return describeStream(process.stdin, '-', onProgress);
   const fh = await fsp.open(file, 'r');
   let magic = -1;
   try {
@@ -73,10 +76,10 @@ export async function describeFile(file: string): Promise<Info> {
     await fh.close();
   }
   if (magic === QCOW2_MAGIC) return describeImage(file);
-  return describeStream(createReadStream(file, { highWaterMark: 1 << 20 }), file);
+  return describeStream(createReadStream(file, { highWaterMark: 1 << 20 }), file, onProgress);
 }
 
-export async function describeStream(input: NodeJS.ReadableStream, file: string): Promise<StreamInfo> {
+export async function describeStream(input: NodeJS.ReadableStream, file: string, onProgress?: DescribeProgress): Promise<StreamInfo> {
   const info: Omit<StreamInfo, 'restore'> = {
     kind: 'stream',
     file,
@@ -130,8 +133,14 @@ export async function describeStream(input: NodeJS.ReadableStream, file: string)
       cb(null);
     },
   });
-  await pumpAsync(gate, framer, sink);
+  const timer = onProgress ? setInterval(() => onProgress(gate.bytes, info.pages.normal + info.pages.zero), 100) : null;
+  try {
+    await pumpAsync(gate, framer, sink);
+  } finally {
+    if (timer) clearInterval(timer);
+  }
   info.totalBytes = gate.bytes;
+  onProgress?.(gate.bytes, info.pages.normal + info.pages.zero);
   return { ...info, restore: restoreRecipe(file, 'stream', info.machine, info.ramBlocks, info.devices, vmdescription) };
 }
 

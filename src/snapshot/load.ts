@@ -52,6 +52,8 @@ export interface LoadOptions {
   onProgress?(bytes: number, pages: number, state: LoadProgress): void;
   /** Check RAM against the image's digests (default true when it has them). */
   verify?: boolean;
+  /** Refuse an image whose RAM blocks add up to more than this many bytes (the RFC's -s/--image-size). */
+  maxRamSize?: number;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
   /**
@@ -220,6 +222,10 @@ export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): P
     const ps = snap.header.pageSize;
     if (opts.pageSize !== undefined && opts.pageSize !== ps) {
       throw new LoadError(`${imagePath}: the image has ${ps}-byte pages, ${opts.pageSize} were asked for`);
+    }
+    const ram = snap.blocks.reduce((sum, b) => sum + b.length, 0);
+    if (opts.maxRamSize !== undefined && ram > opts.maxRamSize) {
+      throw new LoadError(`${imagePath}: its guest RAM (${ram} bytes) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
     }
     const postcopy = opts.postcopy !== undefined;
     if (postcopy && !opts.returnPath) throw new LoadError('postcopy needs the destination return path on stdin');

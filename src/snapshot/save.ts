@@ -21,12 +21,12 @@ import { encodePong, encodeShut } from '../migration/return-path';
 import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
-import { encodeSnapshotHeader, RamBlockLayout, VMSTATE_HEADER_SIZE } from './layout';
-import { DIGEST_CHUNK_SIZE, encodeDigestTable, SAVE_DIGEST_ALGORITHM } from './digests';
+import { RamBlockLayout } from './layout';
+import { SAVE_DIGEST_ALGORITHM } from './digests';
+import { finishSnapshotImage } from './finish';
 import { ChunkTracker } from './chunk-tracker';
 import { createChunkHasher } from './chunk-hash';
 import { native } from '../util/native';
-import * as zlib from 'node:zlib';
 
 export class SaveTargetError extends QemuSnapError {}
 
@@ -53,6 +53,8 @@ export interface SaveOptions {
   digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
   signal?: AbortSignal;
+  /** Refuse a stream whose RAM blocks add up to more than this many bytes (the RFC's -s/--image-size). */
+  maxRamSize?: number;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -105,8 +107,13 @@ export interface SaveResult extends SnapshotSummary {
   streamBytes: number;
 }
 
-/** Writes blocks below the virtual size to the disk, the rest to the VM state area. */
-class ImageBlockTarget implements BlockWriteTarget {
+/**
+ * The OrderedBlockWriter target of a save: SnapshotWriter addresses RAM below
+ * the image's vmStateOffset and the leader and device state above it; this
+ * sends the first to the virtual disk, the rest to QCOW2's VM state area.
+ * Set `image` (and optionally a digest `tracker`) once the image exists.
+ */
+export class ImageBlockTarget implements BlockWriteTarget {
   image: Qcow2Image | null = null;
   tracker: ChunkTracker | null = null;
   private unsynced = 0;
@@ -182,7 +189,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
     gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
-    prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
+    prepareImage: async (virtualSize: number, blocks: RamBlockLayout[]) => {
+      const ram = blocks.reduce((sum, b) => sum + b.length, 0);
+      if (opts.maxRamSize !== undefined && ram > opts.maxRamSize) {
+        throw new SaveTargetError(`the stream's guest RAM (${ram} bytes in ${blocks.length} blocks) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
+      }
       const created = openImageFile(dir, tmpPath).then((f) => {
         file = f;
         // Messages name the image the user asked for, not a hidden temporary.
@@ -248,23 +259,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     const image = blockTarget.image;
     if (!image) throw new SaveTargetError('stream ended before its RAM block list');
     const summary = writer.summary();
-    const stateLength = summary.leaderLength + summary.deviceStateLength;
-    await image.writeVmState(
-      0,
-      encodeSnapshotHeader({
-        pageSize: summary.pageSize,
-        dataPages: summary.dataPages,
-        ramSectionOffset: summary.ramSectionOffset,
-        leaderLength: summary.leaderLength,
-        stateLength,
-      }),
-    );
-    if (blockTarget.tracker) {
-      const chunks = await blockTarget.tracker.finish();
-      const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
-      await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: SAVE_DIGEST_ALGORITHM, chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
-    }
-    await image.flush({ sync: true });
+    await finishSnapshotImage(image, summary, blockTarget.tracker);
     const f = file as ImageFile | null;
     if (!f) throw new SaveTargetError(`${imagePath}: the image file was never opened`);
     // An unnamed file is linked while it is still open.

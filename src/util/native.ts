@@ -38,6 +38,10 @@ export interface NativeModule {
   xxh64UpdateSegments(state: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void;
   /** The low 32 bits of XXH64 (seed 0) of what was fed since the reset. */
   xxh64Low(state: Buffer): number;
+  /** socketpair(2): a connected AF_UNIX stream pair, blocking, close-on-exec; socket buffers of `bufferBytes` when given. */
+  socketPair?(bufferBytes?: number): [number, number];
+  /** sendmsg(2) of `data` on the socket `sockFd` with `fd` as SCM_RIGHTS (QMP getfd). Returns the bytes sent. */
+  sendFd?(sockFd: number, fd: number, data: Buffer): number;
 }
 
 let loaded: NativeModule | null | undefined;

@@ -17,6 +17,8 @@ export interface ProgressState {
   stage?: string;
   /** Counts, e.g. "208043 data + 1200 zero pages". */
   detail?: string;
+  /** What covered and total measure (default "RAM"), e.g. "of input" for info. */
+  noun?: string;
 }
 
 /**
@@ -82,9 +84,9 @@ export class ProgressLine {
     const parts: string[] = [];
     if (state.total > 0) {
       const pct = Math.min(100, Math.floor((state.covered / state.total) * 100));
-      parts.push(`${formatBytes(state.covered)} of ${formatBytes(state.total)} RAM (${pct}%)`);
+      parts.push(`${formatBytes(state.covered)} of ${formatBytes(state.total)} ${state.noun ?? 'RAM'} (${pct}%)`);
     } else {
-      parts.push(`${formatBytes(state.covered)} RAM`);
+      parts.push(`${formatBytes(state.covered)} ${state.noun ?? 'RAM'}`);
     }
     if (state.stage) parts.push(state.stage);
     if (state.detail) parts.push(state.detail);
