@@ -163,6 +163,25 @@ for (const native of [true, false]) {
     }
   });
 
+  test(`[${mode}] SIGTERM to a postcopy load waiting on its return path: exit 1 within 2 s`, async () => {
+    const [inR, inW] = pipePair();
+    const [outR, outW] = pipePair();
+    try {
+      // The return path stays open and silent; the stream is read and dropped.
+      const { child, done } = start(['load', '-q', '--postcopy', '0', image], inR, outW, native);
+      const drained = readAll(outR);
+      await sleep(1000);
+      const t0 = Date.now();
+      child.kill('SIGTERM');
+      const e = await done;
+      assertInterrupted(e, 'SIGTERM', t0);
+      await drained;
+    } finally {
+      fs.closeSync(inW);
+      fs.closeSync(outR);
+    }
+  });
+
   test(`[${mode}] SIGINT to a load whose output pipe is full: exit 1 within 2 s`, async () => {
     const [r, w] = pipePair();
     try {
