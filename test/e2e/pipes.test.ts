@@ -105,6 +105,7 @@ function assertInterrupted(e: Exit, sig: string, signalledAt: number): void {
   assert.ok(isOneLineError(e.stderr), JSON.stringify(e.stderr));
   assert.match(e.stderr, new RegExp(`interrupted \\(${sig}\\)`));
   const after = Date.now() - signalledAt;
+  process.stdout.write(`  exit ${after} ms after ${sig}\n`);
   // The promise is 1 s; the margin is for a loaded machine.
   assert.ok(after < 2000, `exited ${after} ms after ${sig}`);
 }
