@@ -105,6 +105,7 @@ function assertInterrupted(e: Exit, sig: string, signalledAt: number): void {
   assert.ok(isOneLineError(e.stderr), JSON.stringify(e.stderr));
   assert.match(e.stderr, new RegExp(`interrupted \\(${sig}\\)`));
   const after = Date.now() - signalledAt;
+  process.stdout.write(`  exit ${after} ms after ${sig}\n`);
   // The promise is 1 s; the margin is for a loaded machine.
   assert.ok(after < 2000, `exited ${after} ms after ${sig}`);
 }
@@ -160,6 +161,25 @@ for (const native of [true, false]) {
     } finally {
       fs.closeSync(w);
       fs.rmSync(sub, { recursive: true, force: true });
+    }
+  });
+
+  test(`[${mode}] SIGTERM to a postcopy load waiting on its return path: exit 1 within 2 s`, async () => {
+    const [inR, inW] = pipePair();
+    const [outR, outW] = pipePair();
+    try {
+      // The return path stays open and silent; the stream is read and dropped.
+      const { child, done } = start(['load', '-q', '--postcopy', '0', image], inR, outW, native);
+      const drained = readAll(outR);
+      await sleep(1000);
+      const t0 = Date.now();
+      child.kill('SIGTERM');
+      const e = await done;
+      assertInterrupted(e, 'SIGTERM', t0);
+      await drained;
+    } finally {
+      fs.closeSync(inW);
+      fs.closeSync(outR);
     }
   });
 
