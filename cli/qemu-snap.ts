@@ -319,7 +319,7 @@ async function cmdLoad(argv: string[]): Promise<void> {
   if (outputPath !== undefined) loadStreamBytes = null;
   // Postcopy talks with the destination both ways: a file cannot answer.
   if (postcopy !== undefined && outputPath !== undefined) fail('--postcopy needs the destination QEMU on stdout and its return path on stdin: it cannot write to a file (--output)');
-  if (postcopy !== undefined && !isatty(1) && !isConsumer(1)) fail('--postcopy needs the destination QEMU on stdout (a pipe or a socket, as -incoming "exec:..." gives) and its return path on stdin: stdout is a file');
+  if (postcopy !== undefined && !isatty(1) && !isConsumer(1)) fail('--postcopy needs the destination QEMU on stdout (a pipe or a socket, as -incoming "exec:..." gives) and its return path on stdin: stdout is a file, not a pipe or a socket');
   if (outputPath === undefined && isatty(1)) fail('refusing to write a migration stream to a terminal: pipe it to QEMU (-incoming "exec:qemu-snap load IMAGE") or use --output FILE');
   if (outputPath === undefined && isPipe(1)) {
     enlargePipe(1);

@@ -92,13 +92,17 @@ chmod 755 "$work"
 ( cd "$work" && apt-get download -q qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports \
     qemu-system-data/bookworm-backports qemu-utils/bookworm-backports seabios/bookworm-backports >/dev/null 2>&1 ) \
   || { echo "install-qemu.sh: apt-get download from bookworm-backports failed" >&2; exit 1; }
-"${SUDO[@]}" mkdir -p "$prefix/bin"
-for deb in "$work"/*.deb; do "${SUDO[@]}" dpkg-deb -x "$deb" "$prefix"; done
+# A prefix the user can create (~/.local/... when not root) is filled
+# without sudo, so the files there are the user's own.
+PSUDO=("${SUDO[@]}")
+if mkdir -p "$prefix/bin" 2>/dev/null && [ -w "$prefix/bin" ]; then PSUDO=(); fi
+"${PSUDO[@]}" mkdir -p "$prefix/bin"
+for deb in "$work"/*.deb; do "${PSUDO[@]}" dpkg-deb -x "$deb" "$prefix"; done
 
 wrap() { # wrap NAME EXTRA-ARGS
   printf '#!/bin/sh\n# QEMU 10.0 from bookworm-backports, beside the system QEMU (scripts/install-qemu.sh)\nLD_LIBRARY_PATH=%s/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s/usr/bin/%s %s "$@"\n' \
-    "$prefix" "$prefix" "$1" "$2" | "${SUDO[@]}" tee "$prefix/bin/$1" >/dev/null
-  "${SUDO[@]}" chmod 755 "$prefix/bin/$1"
+    "$prefix" "$prefix" "$1" "$2" | "${PSUDO[@]}" tee "$prefix/bin/$1" >/dev/null
+  "${PSUDO[@]}" chmod 755 "$prefix/bin/$1"
 }
 wrap qemu-system-x86_64 "-L $prefix/usr/share/qemu -L $prefix/usr/share/seabios"
 wrap qemu-img ""
