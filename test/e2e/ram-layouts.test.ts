@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { startVm, makePattern, requireQemu, shellQuote, diffRanges, Vm } from './lib';
 import { snapExec, tempDir } from './common';
+import { openSnapshot } from '../../src/snapshot/snapshot-image';
 
 const MEM_MIB = 512;
 const GIB4 = 4 * 1024 ** 3;
@@ -168,5 +169,56 @@ for (const layout of LAYOUTS) {
     for (const f of fs.readdirSync(dir)) if (f.endsWith('.mem') || f.endsWith('.qcow2')) fs.unlinkSync(path.join(dir, f));
   });
 }
+
+test('hugepages: page sizes from the stream (a postcopy-ram source), precopy and postcopy; pages requested during postcopy come in whole huge pages', async () => {
+  if (hugeSkip) {
+    console.log(`  skipped: ${hugeSkip}`);
+    return;
+  }
+  const layout = LAYOUTS.find((l) => l.huge) as Layout;
+  const image = path.join(dir, 'huge-pc.qcow2');
+  const base = { memMiB: MEM_MIB, extraArgs: layout.args };
+  const src = await startVm({ ...base, loads: layout.loads, name: 'huge-pc-src' });
+  let srcDumps: string[];
+  try {
+    // With postcopy-ram on, MEM_SIZE carries the 2 MiB page size of the block.
+    await src.migrate(snapExec(`save -q ${shellQuote(image)}`), { capabilities: { 'postcopy-ram': true } }).catch((err: Error) => {
+      throw new Error(`${err.message}; stderr: ${src.stderr.trim()}`);
+    });
+    srcDumps = await dumpRanges(src, layout.ranges, 'huge-pc-src');
+  } finally {
+    await src.stop();
+  }
+  const snap = await openSnapshot(image);
+  try {
+    assert.is(snap.streamBlocks.find((b) => b.length === MEM_MIB << 20)?.pageSize, 2 << 20, 'MEM_SIZE carries the huge page size');
+  } finally {
+    await snap.image.close();
+  }
+  const pre = await startVm({ ...base, incoming: snapExec(`load -q ${shellQuote(image)}`), name: 'huge-pc-pre' });
+  try {
+    await pre.waitForMigrationStatus('completed', 60_000).catch((err: Error) => {
+      throw new Error(`${err.message}; stderr: ${pre.stderr.trim()}`);
+    });
+    sameMemory(srcDumps, await dumpRanges(pre, layout.ranges, 'huge-pc-pre'), 'precopy of a stream with page sizes');
+  } finally {
+    await pre.stop();
+  }
+  // No --host-page-size: the stream says. --postcopy 0 and a pmemsave while
+  // in postcopy: every huge page not yet received is requested.
+  const post = await startVm({ ...base, incoming: 'defer', name: 'huge-pc-post' });
+  try {
+    await post.migrateIncoming(snapExec(`load -q --postcopy 0 ${shellQuote(image)}`), { 'postcopy-ram': true });
+    await post.waitForMigrationStatus('postcopy-active', 60_000).catch((err: Error) => {
+      throw new Error(`${err.message}; stderr: ${post.stderr.trim()}`);
+    });
+    const during = await dumpRanges(post, layout.ranges, 'huge-pc-during');
+    await post.waitForMigrationStatus('completed', 120_000);
+    sameMemory(srcDumps, during, 'what the guest saw during postcopy');
+    sameMemory(srcDumps, await dumpRanges(post, layout.ranges, 'huge-pc-post'), 'postcopy with page sizes from the stream');
+  } finally {
+    await post.stop();
+  }
+});
 
 test.run();

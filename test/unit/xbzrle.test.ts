@@ -255,6 +255,67 @@ test('compressed pages (QEMU 7.2 compress): inflated into place; bad zlib data a
   }
 });
 
+test('the writer reads a page back only once the write holding it has completed', async () => {
+  const { SnapshotWriter } = require('../../src/snapshot/snapshot-writer') as typeof import('../../src/snapshot/snapshot-writer');
+  const { MigrationFramer } = require('../../src/migration/framer') as typeof import('../../src/migration/framer');
+  const b = new StreamBuilder().header().configuration().sectionStart(2).memSize(BLOCKS).eos().footer(2);
+  // Page 0, then a ROM page (the run with page 0 is pushed), then a delta for page 0.
+  b.sectionPart(2).page(0, 'pc.ram', page(7)).page(0, '/rom@etc/acpi/tables', page(8));
+  xbzrle(b, 0, 'pc.ram', Buffer.from([5, 1, 0x99]));
+  b.eos().footer(2).sectionEnd(2).eos().footer(2).device(3, 'timer', Buffer.from([1])).eof();
+  const disk = Buffer.alloc(4 << 20);
+  const held: Array<{ offset: number; length: number; buffers: Buffer[] }> = [];
+  const reads: number[] = [];
+  let completed = 0;
+  const writer = new SnapshotWriter({
+    prepareImage: async () => 3 << 20,
+    readPage: (offset, out) => {
+      reads.push(offset);
+      // Reading before the write of that page completed would see zeros here.
+      disk.copy(out, 0, offset, offset + out.length);
+      return null;
+    },
+  });
+  writer.on('data', (w: unknown) => held.push(w as { offset: number; length: number; buffers: Buffer[] }));
+  const framer = new MigrationFramer({ pageRuns: true });
+  framer.pipe(writer);
+  const done = new Promise<void>((resolve, reject) => {
+    writer.on('end', resolve);
+    writer.on('error', reject);
+    framer.on('error', reject);
+  });
+  framer.end(b.build());
+  // Let everything up to the delta through; nothing has completed yet.
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(reads, [], 'no read while the write of page 0 is in flight');
+  const page0 = held.findIndex((w) => w.offset === 0);
+  assert.ok(page0 >= 0, 'the run holding page 0 was pushed');
+  // Complete the writes in order: "disk" gets their bytes, the writer hears of each.
+  const complete = (): void => {
+    while (completed < held.length) {
+      const w = held[completed++];
+      let at = w.offset;
+      for (const buf of w.buffers) {
+        if (at + buf.length <= disk.length) buf.copy(disk, at);
+        at += buf.length;
+      }
+      writer.writeDone(w);
+    }
+  };
+  complete();
+  for (let i = 0; i < 20; i++) {
+    await new Promise((r) => setImmediate(r));
+    complete();
+  }
+  await done;
+  complete();
+  assert.equal(reads, [0], 'read once, after the write completed');
+  const want = page(7);
+  want[5] = 0x99;
+  assert.ok(disk.subarray(0, PS).equals(want), 'the delta applied to the completed page');
+  assert.is(writer.summary().xbzrleRecords, 1);
+});
+
 function Readable(buf: Buffer, chunk = 999): NodeJS.ReadableStream {
   const parts: Buffer[] = [];
   for (let i = 0; i < buf.length; i += chunk) parts.push(buf.subarray(i, i + chunk));
