@@ -164,7 +164,12 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         iteration: ram?.['dirty-sync-count'],
       });
     };
-    const saving = saveSnapshot(new FdReader(ours, { pipeSize: 256 << 10 }) as unknown as NodeJS.ReadableStream, imagePath, {
+    // FdReader holds a partial chunk back while reads come back as full as
+    // the pipe it expects; a socket read can return up to its 1 MiB buffer,
+    // so "full" must be unreachable: every read that does not fill the chunk
+    // is handed over at once, or the tail QEMU sent before waiting for our
+    // SHUT could sit in the reader forever.
+    const saving = saveSnapshot(new FdReader(ours, { pipeSize: 1 << 30 }) as unknown as NodeJS.ReadableStream, imagePath, {
       force: opts.force,
       clusterSize: opts.clusterSize,
       pageSize: opts.pageSize,

@@ -334,6 +334,10 @@ test('failure: QEMU quits mid-save', async () => {
   await failedSave('quit', ({ vm }) => vm.kill(), /QEMU went away during the save/);
 });
 
+test("failure on QEMU's side: the migration cancelled by another client mid-save", async () => {
+  await failedSave('cancel', async ({ vm }) => void (await vm.qmp.execute('migrate_cancel')), /^qemu-snap: QEMU reports the migration cancelled: .*no image was kept\n$/);
+});
+
 test('a busy QMP socket is reported within a few seconds', async () => {
   const sock = snapSocket();
   const vm = await startVm(withSnapQmp({ memMiB: 64, name: 'qmp-busy' }, sock));
