@@ -174,7 +174,7 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
       clusterSize: opts.clusterSize,
       pageSize: opts.pageSize,
       maxInFlight: opts.maxInFlight,
-      returnPath: mode === 'background' ? undefined : (new FdWriter(ours) as unknown as NodeJS.WritableStream),
+      returnPath: mode === 'background' ? undefined : returnPathWriter(ours),
       // The stream's own end (VMDESCRIPTION) tells us it is complete; QEMU
       // is only waiting for our SHUT.
       quietMs: 50,
@@ -264,6 +264,17 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
   }
   if (failure || !result) throw failure ?? new QmpSaveError('qemu-snap', 'save ended without a result');
   return result;
+}
+
+/**
+ * PONG and SHUT go back on our end of the socketpair. A write that fails
+ * means QEMU closed its end (it cancelled, failed or quit): the outcome is
+ * read from QEMU and from the save, so the error is only swallowed here.
+ */
+function returnPathWriter(fd: number): NodeJS.WritableStream {
+  const w = new FdWriter(fd);
+  w.on('error', () => undefined);
+  return w as unknown as NodeJS.WritableStream;
 }
 
 function sideError(err: Error, signal: AbortSignal | undefined, qemuCompleted = false): QmpSaveError {
