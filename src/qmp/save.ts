@@ -205,9 +205,16 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     const first = await Promise.race([saved.then((s) => ({ from: 'save' as const, s })), qemuDone.then((q) => ({ from: 'qemu' as const, q }))]);
 
     if (first.from === 'save' && !first.s.ok) {
-      // Our side failed (or SIGINT): QEMU must not go on.
-      failure = sideError(first.s.err, opts.signal);
-      await cancel(qmp);
+      // A migration cancelled by someone else ends our input first: QEMU's
+      // status says so (we have not cancelled anything yet).
+      const now = opts.signal?.aborted ? null : await qmp.execute<MigrationInfo>('query-migrate').catch(() => null);
+      if (now?.status === 'cancelling' || now?.status === 'cancelled') {
+        failure = new QmpSaveError('qemu', `QEMU reports the migration cancelled: ${now['error-desc'] ?? 'by another QMP client'}; no image was kept`);
+      } else {
+        // Our side failed (or SIGINT): QEMU must not go on.
+        failure = sideError(first.s.err, opts.signal);
+        await cancel(qmp);
+      }
     } else if (first.from === 'qemu' && !first.q.ok) {
       stopSave.abort(first.q.err);
       await saved;
