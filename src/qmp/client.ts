@@ -167,6 +167,19 @@ export class QmpClient {
    * holds its own copy afterwards, so the caller may close `fd`.
    */
   async getfd(name: string, fd: number): Promise<void> {
+    // The descriptor goes with a sendmsg of our own: whatever Node still
+    // queues on the socket must be out first.
+    while (this.socket.writableLength > 0 && !this.failure) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          this.socket.off('drain', done);
+          resolve();
+        };
+        const timer = setTimeout(done, 100);
+        this.socket.once('drain', done);
+      });
+    }
     await this.execute('getfd', { fdname: name }, { fd });
   }
 

@@ -164,12 +164,17 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         iteration: ram?.['dirty-sync-count'],
       });
     };
-    const saving = saveSnapshot(new FdReader(ours, { pipeSize: 256 << 10 }) as unknown as NodeJS.ReadableStream, imagePath, {
+    // FdReader holds a partial chunk back while reads come back as full as
+    // the pipe it expects; a socket read can return up to its 1 MiB buffer,
+    // so "full" must be unreachable: every read that does not fill the chunk
+    // is handed over at once, or the tail QEMU sent before waiting for our
+    // SHUT could sit in the reader forever.
+    const saving = saveSnapshot(new FdReader(ours, { pipeSize: 1 << 30 }) as unknown as NodeJS.ReadableStream, imagePath, {
       force: opts.force,
       clusterSize: opts.clusterSize,
       pageSize: opts.pageSize,
       maxInFlight: opts.maxInFlight,
-      returnPath: mode === 'background' ? undefined : (new FdWriter(ours) as unknown as NodeJS.WritableStream),
+      returnPath: mode === 'background' ? undefined : returnPathWriter(ours),
       // The stream's own end (VMDESCRIPTION) tells us it is complete; QEMU
       // is only waiting for our SHUT.
       quietMs: 50,
@@ -200,9 +205,16 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     const first = await Promise.race([saved.then((s) => ({ from: 'save' as const, s })), qemuDone.then((q) => ({ from: 'qemu' as const, q }))]);
 
     if (first.from === 'save' && !first.s.ok) {
-      // Our side failed (or SIGINT): QEMU must not go on.
-      failure = sideError(first.s.err, opts.signal);
-      await cancel(qmp);
+      // A migration cancelled by someone else ends our input first: QEMU's
+      // status says so (we have not cancelled anything yet).
+      const now = opts.signal?.aborted ? null : await qmp.execute<MigrationInfo>('query-migrate').catch(() => null);
+      if (now?.status === 'cancelling' || now?.status === 'cancelled') {
+        failure = new QmpSaveError('qemu', `QEMU reports the migration cancelled: ${now['error-desc'] ?? 'by another QMP client'}; no image was kept`);
+      } else {
+        // Our side failed (or SIGINT): QEMU must not go on.
+        failure = sideError(first.s.err, opts.signal);
+        await cancel(qmp);
+      }
     } else if (first.from === 'qemu' && !first.q.ok) {
       stopSave.abort(first.q.err);
       await saved;
@@ -259,6 +271,17 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
   }
   if (failure || !result) throw failure ?? new QmpSaveError('qemu-snap', 'save ended without a result');
   return result;
+}
+
+/**
+ * PONG and SHUT go back on our end of the socketpair. A write that fails
+ * means QEMU closed its end (it cancelled, failed or quit): the outcome is
+ * read from QEMU and from the save, so the error is only swallowed here.
+ */
+function returnPathWriter(fd: number): NodeJS.WritableStream {
+  const w = new FdWriter(fd);
+  w.on('error', () => undefined);
+  return w as unknown as NodeJS.WritableStream;
 }
 
 function sideError(err: Error, signal: AbortSignal | undefined, qemuCompleted = false): QmpSaveError {

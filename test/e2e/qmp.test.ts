@@ -61,7 +61,11 @@ function runCliDuring(args: string[], afterMs: number, during: (pid: number) => 
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (s: string) => (err += s));
     child.stdout.resume();
-    const act = setTimeout(() => void Promise.resolve(during(child.pid ?? 0)).catch(reject), afterMs);
+    let acted: Promise<void> = Promise.resolve();
+    const act = setTimeout(() => {
+      acted = Promise.resolve(during(child.pid ?? 0));
+      acted.catch(reject);
+    }, afterMs);
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       reject(new Error(`qemu-snap ${args.join(' ')} hung; stderr: ${err}`));
@@ -69,7 +73,8 @@ function runCliDuring(args: string[], afterMs: number, during: (pid: number) => 
     child.on('close', (code, signal) => {
       clearTimeout(timer);
       clearTimeout(act);
-      resolve({ code, signal, stdout: Buffer.alloc(0), stderr: err, ms: Date.now() - t0 });
+      // What was injected has run its course (a killed QEMU has exited).
+      acted.then(() => resolve({ code, signal, stdout: Buffer.alloc(0), stderr: err, ms: Date.now() - t0 }), reject);
     });
   });
 }
@@ -332,6 +337,10 @@ test('failure: SIGINT mid-save', async () => {
 
 test('failure: QEMU quits mid-save', async () => {
   await failedSave('quit', ({ vm }) => vm.kill(), /QEMU went away during the save/);
+});
+
+test("failure on QEMU's side: the migration cancelled by another client mid-save", async () => {
+  await failedSave('cancel', async ({ vm }) => void (await vm.qmp.execute('migrate_cancel')), /^qemu-snap: QEMU reports the migration cancelled: .*no image was kept\n$/);
 });
 
 test('a busy QMP socket is reported within a few seconds', async () => {
