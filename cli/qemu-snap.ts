@@ -11,6 +11,7 @@ import { UsageError, parseSize } from '../src/util/size';
 import { ProgressLine } from '../src/util/progress';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
+import { AIO_MODES, CACHE_MODES, AioMode, CacheMode, isAioMode, isCacheMode } from '../src/util/direct-io';
 import { FdWriter, isPipe } from '../src/util/fd-writer';
 import { FdReader } from '../src/util/fd-reader';
 import { enlargePipe } from '../src/util/pipe-size';
@@ -45,6 +46,11 @@ const USAGE = `usage:
       --cluster-size SIZE     QCOW2 cluster size, 64K..2M (default 1M)
       --max-in-flight N       block writes outstanding (default 8)
       -f, --force             replace an existing IMAGE
+      --cache=MODE            host cache: writeback (default), none, writethrough,
+                              directsync, unsafe (QEMU's meanings; none and directsync
+                              bypass the page cache with O_DIRECT, unsafe never fsyncs)
+      -n, --nocache           --cache=none
+      --aio=MODE              I/O engine: threads (default; native and io_uring are not built in)
   qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
       -o, --output FILE       write the stream to FILE instead of stdout
       -S, --page-size SIZE    refuse an image whose page size differs
@@ -52,6 +58,8 @@ const USAGE = `usage:
       --postcopy PCT          start the VM after PCT% of the data pages, page in the rest
                               on demand (the destination needs the postcopy-ram capability)
       --no-verify             do not check RAM against the image's digests
+      --cache=MODE, -n, --aio=MODE   as for save: none/directsync read with O_DIRECT,
+                              N reads in flight, leaving the page cache untouched
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
   qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
 common options:
@@ -115,6 +123,16 @@ function positiveInt(v: unknown, what: string): number | undefined {
   return Number(s);
 }
 
+/** --cache / -n/--nocache / --aio of save and load. */
+function cacheOptions(args: minimist.ParsedArgs): { cache: CacheMode | undefined; aio: AioMode | undefined } {
+  const cacheArg = oneString(args.cache, '--cache');
+  if (cacheArg !== undefined && !isCacheMode(cacheArg)) fail(`--cache: '${cacheArg}' is not one of ${CACHE_MODES.join(', ')}`);
+  if (args.nocache === true && cacheArg !== undefined && cacheArg !== 'none') fail(`-n/--nocache means --cache=none, not --cache=${cacheArg}`);
+  const aioArg = oneString(args.aio, '--aio');
+  if (aioArg !== undefined && !isAioMode(aioArg)) fail(`--aio: '${aioArg}' is not one of ${AIO_MODES.join(', ')}`);
+  return { cache: args.nocache === true ? 'none' : (cacheArg as CacheMode | undefined), aio: aioArg as AioMode | undefined };
+}
+
 function onePositional(args: minimist.ParsedArgs, what: string): string {
   const rest = args._.map(String);
   if (rest.length === 0) fail(`missing ${what}`);
@@ -133,9 +151,9 @@ function abortOnSignals(): AbortController {
 
 async function cmdSave(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['input', 'page-size', 'cluster-size', 'max-in-flight'],
-    boolean: ['force'],
-    alias: { i: 'input', S: 'page-size', f: 'force' },
+    string: ['input', 'page-size', 'cluster-size', 'max-in-flight', 'cache', 'aio'],
+    boolean: ['force', 'nocache'],
+    alias: { i: 'input', S: 'page-size', f: 'force', n: 'nocache' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot file to write)');
@@ -150,6 +168,7 @@ async function cmdSave(argv: string[]): Promise<void> {
     fail(`--page-size: ${pageSizeArg} is not a power of two from 512 to 64K`);
   }
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const { cache, aio } = cacheOptions(args);
   const inputPath = oneString(args.input, '--input');
   const fromStdin = inputPath === undefined || inputPath === '-';
   // A 1 MiB pipe instead of 64 KiB: 16 times fewer sleeps and wake-ups between the writer and us.
@@ -170,6 +189,8 @@ async function cmdSave(argv: string[]): Promise<void> {
       clusterSize,
       maxInFlight,
       force: args.force === true,
+      cache,
+      aio,
       returnPath: stdout(),
       signal: ac.signal,
       onProgress: (bytes, pages) => progress.update(bytes, pages),
@@ -187,16 +208,17 @@ async function cmdSave(argv: string[]): Promise<void> {
 
 async function cmdLoad(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['output', 'page-size', 'max-in-flight', 'postcopy'],
-    boolean: ['verify'],
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'cache', 'aio'],
+    boolean: ['verify', 'nocache'],
     default: { verify: true },
-    alias: { o: 'output', S: 'page-size' },
+    alias: { o: 'output', S: 'page-size', n: 'nocache' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to load)');
   const pageSizeArg = oneString(args['page-size'], '--page-size');
   const pageSize = pageSizeArg === undefined ? undefined : parseSize(pageSizeArg, '--page-size');
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const { cache, aio } = cacheOptions(args);
   const pctArg = oneString(args.postcopy, '--postcopy');
   let postcopy: number | undefined;
   if (pctArg !== undefined) {
@@ -216,6 +238,8 @@ async function cmdLoad(argv: string[]): Promise<void> {
       stdout: outputPath !== undefined ? undefined : isPipe(1) ? (new FdWriter(1) as unknown as NodeJS.WritableStream) : stdout(),
       pageSize,
       maxInFlight,
+      cache,
+      aio,
       postcopy,
       verify: args.verify !== false,
       returnPath: postcopy === undefined ? undefined : process.stdin,

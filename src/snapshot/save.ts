@@ -5,6 +5,7 @@
 // The image is built in a temporary file beside the target and linked into
 // place only after the stream ended cleanly, the metadata is flushed and the
 // file is fsynced. On any failure the temporary file is removed.
+import * as fs from 'node:fs';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -23,6 +24,7 @@ import { ChunkTracker } from './chunk-tracker';
 import { createChunkHasher } from './chunk-hash';
 import { native } from '../util/native';
 import * as zlib from 'node:zlib';
+import { AioMode, CacheMode, DirectFile, alignedAllocator, cachePolicy, checkAioMode, openDirect } from '../util/direct-io';
 
 export class SaveTargetError extends QemuSnapError {}
 
@@ -48,6 +50,15 @@ export interface SaveOptions {
   digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
   signal?: AbortSignal;
+  /**
+   * Host cache mode, QEMU's meanings (default writeback): none and
+   * directsync write guest RAM with O_DIRECT through the block ring,
+   * writethrough and directsync with O_DSYNC, unsafe never fsyncs (the
+   * image is still published atomically, by rename).
+   */
+  cache?: CacheMode;
+  /** I/O engine (default threads, the only one built in). */
+  aio?: AioMode;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -104,6 +115,8 @@ export interface SaveResult extends SnapshotSummary {
 class ImageBlockTarget implements BlockWriteTarget {
   image: Qcow2Image | null = null;
   tracker: ChunkTracker | null = null;
+  /** Background fdatasync as data accumulates (writeback mode only: the others have nothing dirty worth it, or must not sync). */
+  backgroundSync = true;
   private unsynced = 0;
   private syncing = false;
 
@@ -112,6 +125,7 @@ class ImageBlockTarget implements BlockWriteTarget {
    * push data to the disk in the background as it accumulates instead.
    */
   private writeback(image: Qcow2Image, length: number): void {
+    if (!this.backgroundSync) return;
     this.unsynced += length;
     if (this.syncing || this.unsynced < WRITEBACK_BYTES) return;
     this.syncing = true;
@@ -160,7 +174,15 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   }
   const dir = path.dirname(target);
   const tmpPath = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
+  const policy = cachePolicy(opts.cache);
+  const what = `save --cache=${policy.mode}`;
+  checkAioMode(opts.aio ?? 'threads');
+  // Direct I/O is tried on a probe file first: a file system without it
+  // (tmpfs) is refused before any of the stream is read, nothing left behind.
+  const dioMemAlign = policy.direct ? probeDirect(tmpPath, what, imagePath) : 0;
   const blockTarget = new ImageBlockTarget();
+  blockTarget.backgroundSync = policy.mode === 'writeback';
+  let dataFile: DirectFile | null = null;
   // Resolves once the temporary image exists (or failed to): a stream that
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
@@ -170,14 +192,22 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   let returnPathOpen = false;
   // Runs are written straight from the input chunks when the native module
   // can (pwritev, and XXH64 over the same pieces).
-  const gather = native() !== null && (hasher === null || hasher.updateSegments !== undefined);
+  // Under O_DIRECT, runs are copied into aligned buffers and written through the ring.
+  const gather = !policy.direct && native() !== null && (hasher === null || hasher.updateSegments !== undefined);
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
+    allocateRun: policy.direct ? alignedAllocator(dioMemAlign) : undefined,
     gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
-      const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize });
+      const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize, openFlags: policy.dsync ? fsc.O_DSYNC : 0 });
       creating = created.catch(() => null);
       const image = await created;
+      if (policy.direct) {
+        // Guest RAM through a second, O_DIRECT descriptor; metadata and the
+        // VM state (small, unaligned) through the image's buffered one.
+        dataFile = openDirect(tmpPath, fsc.O_RDWR | (policy.dsync ? fsc.O_DSYNC : 0), what, imagePath);
+        image.setDataFile(dataFile);
+      }
       blockTarget.image = image;
       if (hasher) blockTarget.tracker = new ChunkTracker(image, virtualSize, hasher);
       return image.vmStateOffset;
@@ -242,10 +272,12 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
       await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: SAVE_DIGEST_ALGORITHM, chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
     }
-    await image.flush({ sync: true });
+    // One fsync covers both descriptors: it is the inode's.
+    await image.flush({ sync: policy.flush });
     await image.close();
+    (dataFile as DirectFile | null)?.close();
     blockTarget.image = null;
-    await publish(tmpPath, target, opts.force === true);
+    await publish(tmpPath, target, opts.force === true, policy.flush);
     ok = true;
     if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(0));
     return { ...summary, imagePath: target, streamBytes: gate.bytes };
@@ -258,6 +290,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       const pending = creating as Promise<Qcow2Image | null> | null;
       const image = pending ? await pending : null;
       if (image) await image.close().catch(() => undefined);
+      try {
+        (dataFile as DirectFile | null)?.close();
+      } catch {
+        // closing is all that is left to do with it
+      }
       if (pending) await fsp.unlink(tmpPath).catch(() => undefined);
       if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(1));
     }
@@ -265,7 +302,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
 }
 
 /** Moves the finished file into place; without force, never over an image that appeared meanwhile. */
-async function publish(tmpPath: string, target: string, force: boolean): Promise<void> {
+async function publish(tmpPath: string, target: string, force: boolean, sync = true): Promise<void> {
   if (force) {
     await fsp.rename(tmpPath, target);
   } else {
@@ -279,11 +316,34 @@ async function publish(tmpPath: string, target: string, force: boolean): Promise
     }
     await fsp.unlink(tmpPath);
   }
+  if (!sync) return;
   const dirHandle = await fsp.open(path.dirname(target), fsc.O_RDONLY);
   try {
     await dirHandle.sync();
   } finally {
     await dirHandle.close();
+  }
+}
+
+/**
+ * Creates `tmpPath`, opens it with O_DIRECT and removes it again: the
+ * direct-I/O memory alignment when the file system does direct I/O, a
+ * DirectIoError naming the mode and `shown` when it does not.
+ */
+function probeDirect(tmpPath: string, what: string, shown: string): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(tmpPath, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o600);
+  } catch (err) {
+    throw new SaveTargetError(`${shown}: cannot create ${tmpPath}: ${(err as Error).message}`);
+  }
+  try {
+    fs.closeSync(fd);
+    const probe = openDirect(tmpPath, fsc.O_RDWR, what, shown);
+    probe.close();
+    return probe.memAlign;
+  } finally {
+    fs.unlinkSync(tmpPath);
   }
 }
 

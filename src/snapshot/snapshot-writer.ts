@@ -40,6 +40,8 @@ export interface SnapshotWriterOptions {
    * then copied and pushed, and so is every later one).
    */
   gather?: RunSink;
+  /** Makes a run buffer of `size` bytes (default Buffer.allocUnsafeSlow); aligned memory for O_DIRECT. */
+  allocateRun?: (size: number) => Buffer;
 }
 
 /**
@@ -139,7 +141,7 @@ export class SnapshotWriter extends Transform {
     if (this.maxRunBytes < 65536 || (this.maxRunBytes & (this.maxRunBytes - 1)) !== 0) {
       throw new RangeError(`maxRunBytes must be a power of two of at least 64 KiB, got ${this.maxRunBytes}`);
     }
-    this.pool = new RunBufferPool(this.maxRunBytes);
+    this.pool = new RunBufferPool(this.maxRunBytes, undefined, opts.allocateRun);
     this.gather = opts.gather ?? null;
   }
 

@@ -31,6 +31,12 @@ export interface NativeModule {
   xxh64UpdateSegments(state: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void;
   /** The low 32 bits of XXH64 (seed 0) of what was fed since the reset. */
   xxh64Low(state: Buffer): number;
+  /** `size` bytes at an address that is a multiple of `align` (posix_memalign), not zeroed; freed when collected. */
+  alignedBuffer(size: number, align: number): Buffer;
+  /** The buffer's address modulo `align`. */
+  addressModulo(buf: Uint8Array, align: number): number;
+  /** [memory, offset] alignment O_DIRECT needs on `fd` (statx STATX_DIOALIGN, BLKSSZGET), [0, 0] when unknown. */
+  dioAlign(fd: number): [number, number];
 }
 
 let loaded: NativeModule | null | undefined;
