@@ -10,7 +10,7 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { pumpAsync } from '../util/pump';
-import { OrderedBlockWriter, BlockWriteTarget } from '../blockio';
+import { OrderedBlockWriter, BlockWriteTarget, BlockWrite } from '../blockio';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import { Command } from '../migration/constants';
@@ -152,6 +152,10 @@ class ImageBlockTarget implements BlockWriteTarget {
     return true;
   }
 
+  writeSync(w: BlockWrite): boolean {
+    return w.segments !== undefined && this.writeSegmentsSync(w.offset, w.length, w.buffers, w.segments, w.count ?? 0);
+  }
+
   writev(offset: number, buffers: Buffer[]): Promise<void> {
     const image = this.image;
     if (!image) return Promise.reject(new SaveTargetError('block write before the image exists'));
@@ -197,7 +201,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
     allocateRun: policy.direct ? alignedAllocator(dioMemAlign) : undefined,
-    gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
+    segmentRuns: gather,
     prepareImage: async (virtualSize: number, _blocks: RamBlockLayout[]) => {
       const created = Qcow2Image.create(tmpPath, { virtualSize, clusterSize: opts.clusterSize, openFlags: policy.dsync ? fsc.O_DSYNC : 0 });
       creating = created.catch(() => null);
