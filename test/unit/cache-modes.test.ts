@@ -200,6 +200,40 @@ test('--max-in-flight bounds the O_DIRECT writes really outstanding', async () =
   }
 });
 
+test('load --cache=none: --max-in-flight bounds the O_DIRECT reads really outstanding', async () => {
+  if (!mod) return console.log('  (skipped: no native module)');
+  const image = path.join(dir, 'inflight-load.qcow2');
+  await saveSnapshot(Readable.from([scatteredStream()]), image, { force: true });
+  const want = path.join(dir, 'inflight-load.want');
+  await loadSnapshot(image, { output: want });
+  const proto = DirectFile.prototype;
+  const realRead = proto.read;
+  let outstanding = 0;
+  let most = 0;
+  let calls = 0;
+  proto.read = function (this: DirectFile, out: Buffer, at: number, length: number, position: number): Promise<void> {
+    outstanding++;
+    calls++;
+    most = Math.max(most, outstanding);
+    return new Promise<void>((r) => setTimeout(r, 2))
+      .then(() => realRead.call(this, out, at, length, position))
+      .finally(() => outstanding--);
+  };
+  try {
+    for (const n of [1, 3]) {
+      most = 0;
+      calls = 0;
+      const out = path.join(dir, `inflight-load-${n}.out`);
+      await loadSnapshot(image, { output: out, cache: 'none', maxInFlight: n });
+      assert.ok(calls >= 64, `every data read went through O_DIRECT (${calls})`);
+      assert.is(most, n, `at most (and, with a slow disk, exactly) ${n} reads in flight`);
+      assert.ok(fs.readFileSync(out).equals(fs.readFileSync(want)), 'the same stream as a buffered load');
+    }
+  } finally {
+    proto.read = realRead;
+  }
+});
+
 test('segment writes in the ring: written synchronously by a target that can, as pieces by one that cannot; completions in order', async () => {
   const a = Buffer.from('abcdefgh');
   const b = Buffer.from('ABCDEFGH');
