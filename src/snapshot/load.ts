@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import { Writable } from 'streamx';
 import { pumpAsync } from '../util/pump';
 import { FdWriter } from '../util/fd-writer';
-import { OrderedBlockReader, ReadPlanEntry } from '../blockio';
+import { OrderedBlockReader, ReadPlanEntry, BlockRead } from '../blockio';
 import { ReturnPathParser, ReturnPathMsg } from '../migration/return-path';
 import {
   encodeOpenReturnPath,
@@ -27,6 +27,7 @@ import { InlinePieceDigester } from './digest-pieces';
 import { createChunkHasher, ChunkHasher } from './chunk-hash';
 import { DigestMismatchError } from './digests';
 import { DirectLoadPump } from './direct-pump';
+import { RunBufferPool } from './run-buffers';
 import { StreamVerifier, where } from './verify';
 import { AioMode, CacheMode, DirectFile, alignedAllocator, cachePolicy, checkAioMode, openDirect } from '../util/direct-io';
 
@@ -193,15 +194,24 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   }
   let pump: DirectLoadPump | null = null;
   let reader: OrderedBlockReader | null = null;
+  let alignedReads: RunBufferPool | null = null;
+  // The encoder copies every read into its output and the verifier hashes it
+  // at once: when they return, the read's buffer is free again.
+  const releaseRead = (read: BlockRead): void => {
+    if (alignedReads && read.data) alignedReads.release(read.data);
+  };
   if (direct) {
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize });
   } else {
     const image = snap.image;
     const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : null;
-    const read = allocate
+    if (allocate) alignedReads = new RunBufferPool(readSize, 2 * maxInFlight + 4, allocate);
+    const pool = alignedReads;
+    const read = pool && allocate
       ? (offset: number, length: number) => {
-          // A fresh aligned buffer per read: the encoder and the output may keep it.
-          const buf = allocate(Math.max(length, 1));
+          // Aligned buffers, reused once the encoder has copied a read out
+          // (releaseRead): fresh ones cost page faults on every read.
+          const buf = length <= readSize ? pool.take() : allocate(length);
           return image.readInto(offset, length, buf, 0).then(() => buf.subarray(0, length));
         }
       : (offset: number, length: number) => image.read(offset, length);
@@ -261,7 +271,10 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
       verifier.end();
       return verifier.finished;
     },
-    onBackgroundEncoded: (read) => verifier?.add(read.offset, read.length, read.data),
+    onBackgroundEncoded: (read) => {
+      verifier?.add(read.offset, read.length, read.data);
+      releaseRead(read);
+    },
     suffix: () => (finishAsPrecopy ? [snap.deviceState] : [Buffer.from([Token.EOF])]),
     interject: () => {
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
@@ -278,6 +291,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
     },
     flushEachRange: () => switched,
     onUrgentSent: (read) => {
+      releaseRead(read);
       const t0 = requested.get(read.offset);
       if (t0 === undefined) return;
       requested.delete(read.offset);
