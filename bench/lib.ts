@@ -124,7 +124,8 @@ export function machineInfo(accel: string): MachineInfo {
   } catch {
     // keep os.cpus()
   }
-  const v = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
+  // The QEMU the VMs run (QEMU_SNAP_QEMU, as test/e2e/lib takes it).
+  const v = spawnSync(process.env.QEMU_SNAP_QEMU ?? 'qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
   return {
     date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
     cpus: os.cpus().length,

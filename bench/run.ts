@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import minimist from 'minimist';
 import { Writable } from 'streamx';
 import { MigrationFramer } from '../src/migration/framer';
-import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions } from '../test/e2e/lib';
+import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions, QEMU_BINARY } from '../test/e2e/lib';
 import {
   BenchError,
   Row,
@@ -355,10 +355,185 @@ class Bench {
     }
   }
 
+  /** Bytes of `file` in the page cache (util-linux fincore), or -1 when it cannot say. */
+  private cached(file: string): number {
+    try {
+      const out = execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' });
+      return Number(out.trim());
+    } catch {
+      return -1;
+    }
+  }
+
+  /** Drops the page cache (root only); false when it cannot. */
+  private dropCaches(): boolean {
+    try {
+      execFileSync('sync');
+      fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
+   * exec:cat > F, the same && sync F, save, --cache=none, --cache=unsafe,
+   * with QEMU's own mapped-ram file migration when this QEMU has it (≥ 9.0);
+   * pipe saves beside their like-for-like cat; cold restores; the image's
+   * bytes left in the page cache and the peak RSS of each mode.
+   */
+  async cacheModes(): Promise<void> {
+    const file = path.join(this.cfg.dir, 'cache-cat.out');
+    const img = path.join(this.cfg.dir, 'cache-save.qcow2');
+    const version = /version (\d+)\.(\d+)/.exec(execFileSync(QEMU_BINARY, ['--version'], { encoding: 'utf8' }));
+    const mappedRam = version !== null && Number(version[1]) >= 9;
+    type Contender = { name: string; uri: string; out: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; after?: string };
+    const contenders: Contender[] = [
+      { name: '`exec:cat > F`', uri: `exec:cat > ${q(file)}`, out: file },
+      { name: '`exec:cat > F && sync F`', uri: `exec:cat > ${q(file)} && sync ${q(file)}`, out: file },
+      { name: 'save (writeback)', uri: `exec:${snapCmd(`save -q ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --cache=none', uri: `exec:${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --cache=unsafe', uri: `exec:${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, out: img },
+    ];
+    if (mappedRam) {
+      contenders.push(
+        { name: '`file:F` mapped-ram', uri: `file:${file}`, out: file, caps: { 'mapped-ram': true } },
+        { name: '`file:F` mapped-ram, multifd 2', uri: `file:${file}`, out: file, caps: { 'mapped-ram': true, multifd: true }, params: { 'multifd-channels': 2 } },
+        { name: '`file:F` mapped-ram, multifd 2, direct-io', uri: `file:${file}`, out: file, caps: { 'mapped-ram': true, multifd: true }, params: { 'multifd-channels': 2, 'direct-io': true } },
+      );
+    } else this.notes.push(`mapped-ram rows skipped: ${QEMU_BINARY} is older than 9.0 (run with QEMU_SNAP_QEMU=/opt/qemu-10.0/bin/qemu-system-x86_64)`);
+    const times = new Map<string, number[]>();
+    const cachedBytes = new Map<string, number>();
+    const rss = new Map<string, number>();
+    const saved = path.join(this.cfg.dir, 'cache-none.qcow2');
+    const mappedFile = path.join(this.cfg.dir, 'mapped-ram.bin');
+    for (let i = 0; i < this.cfg.runs; i++) {
+      const order = i % 2 === 0 ? contenders : [...contenders].reverse();
+      for (const c of order) {
+        rmQuiet(c.out);
+        const src = await this.source();
+        let total: number;
+        try {
+          execFileSync('sync');
+          this.warm();
+          if (c.params) await src.qmp.execute('migrate-set-parameters', c.params);
+          const info = await src.migrate(c.uri, { timeoutMs: 180_000, capabilities: c.caps });
+          if (info['total-time'] === undefined) throw new BenchError(`query-migrate gave no total-time for ${c.uri}`);
+          total = info['total-time'];
+        } finally {
+          await src.stop();
+        }
+        (times.get(c.name) ?? times.set(c.name, []).get(c.name) as number[]).push(total);
+        cachedBytes.set(c.name, Math.max(cachedBytes.get(c.name) ?? 0, this.cached(c.out)));
+        if (c.out === img) rss.set(c.name, Math.max(rss.get(c.name) ?? 0, this.stats().maxRssKiB));
+        if (c.name === 'save --cache=none') fs.renameSync(img, saved);
+        else if (c.name === '`file:F` mapped-ram, multifd 2' && mappedRam) fs.renameSync(file, mappedFile);
+        else rmQuiet(c.out);
+        log(`cache modes run ${i + 1}: ${c.name} ${total} ms, ${mib(Math.max(0, cachedBytes.get(c.name) ?? 0))} cached`);
+      }
+    }
+    const best = (name: string) => timing(times.get(name) as number[]).best;
+    const cat = best('`exec:cat > F`');
+    const catSync = best('`exec:cat > F && sync F`');
+    for (const c of contenders) {
+      const b = best(c.name);
+      const versus = c.name === 'save --cache=unsafe' || c.name.startsWith('`file') ? ['`exec:cat > F`', cat] : ['`exec:cat > F && sync F`', catSync];
+      this.rows.push(ratioRow(`QEMU save, total-time: ${c.name} (vs ${versus[0]})`, b, ms(b), versus[1] as number, ms(versus[1] as number)));
+    }
+    if (mappedRam) {
+      const peer = best('`file:F` mapped-ram, multifd 2, direct-io');
+      const none = best('save --cache=none');
+      this.rows.push(ratioRow('QEMU save, total-time: save --cache=none (vs mapped-ram + multifd 2 + direct-io)', none, ms(none), peer, ms(peer), { max: 1.2 }));
+    }
+    const dataGiB = this.cfg.dataMiB / 1024;
+    for (const c of contenders) {
+      const bytes = cachedBytes.get(c.name) ?? -1;
+      const limit = c.name === 'save --cache=none' ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
+      this.rows.push({ what: `page cache left by ${c.name}`, ours: bytes < 0 ? 'n/a (no fincore)' : mib(bytes), versus: '', ratio: null, ...limit });
+    }
+    for (const [name, kib] of rss) {
+      this.rows.push({ what: `peak RSS of ${name}`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 128 MiB', met: kib <= 128 * 1024 });
+    }
+
+    // Pipe saves, each beside its like-for-like cat.
+    const pipe = new Map<string, number[]>();
+    const push = (k: string, v: number) => (pipe.get(k) ?? pipe.set(k, []).get(k) as number[]).push(v);
+    for (let i = 0; i < this.cfg.runs; i++) {
+      for (const [k, cmd, out] of [
+        ['cat > F', `cat ${q(this.stream)} | cat > ${q(file)}`, file],
+        ['cat > F && sync F', `cat ${q(this.stream)} | cat > ${q(file)} && sync ${q(file)}`, file],
+        ['save', `cat ${q(this.stream)} | ${snapCmd(`save -q ${q(img)}`, this.statsFile)}`, img],
+        ['save --cache=none', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, img],
+        ['save --cache=unsafe', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, img],
+      ] as const) {
+        rmQuiet(out);
+        execFileSync('sync');
+        this.warm();
+        push(k, (await timeShell(cmd)).ms);
+        if (out === img) rss.set(`pipe ${k}`, Math.max(rss.get(`pipe ${k}`) ?? 0, this.stats().maxRssKiB));
+        rmQuiet(out);
+      }
+    }
+    const pb = (k: string) => timing(pipe.get(k) as number[]).best;
+    this.rows.push(ratioRow('pipe: save (vs `cat > F && sync F`)', pb('save'), ms(pb('save')), pb('cat > F && sync F'), ms(pb('cat > F && sync F')), { max: 1.0 }));
+    this.rows.push(ratioRow('pipe: save --cache=none (vs `cat > F && sync F`)', pb('save --cache=none'), ms(pb('save --cache=none')), pb('cat > F && sync F'), ms(pb('cat > F && sync F'))));
+    this.rows.push(ratioRow('pipe: save --cache=unsafe (vs `cat > F`)', pb('save --cache=unsafe'), ms(pb('save --cache=unsafe')), pb('cat > F'), ms(pb('cat > F')), { max: 1.1 }));
+
+    // Cold restores: page cache dropped before each.
+    if (!this.dropCaches()) {
+      this.notes.push('cold restores skipped: cannot write /proc/sys/vm/drop_caches (not root)');
+      return;
+    }
+    const cold = new Map<string, number[]>();
+    const coldRuns: Array<[string, string, Record<string, boolean>?, Record<string, unknown>?]> = [
+      ['`-incoming exec:cat STREAM`', `exec:cat ${q(this.stream)}`],
+      ['load', `exec:${snapCmd(`load ${q(saved)}`, this.statsFile)}`],
+      ['load --cache=none', `exec:${snapCmd(`load --cache=none ${q(saved)}`, this.statsFile)}`],
+    ];
+    if (mappedRam) {
+      coldRuns.push(['mapped-ram, multifd 2', `file:${mappedFile}`, { 'mapped-ram': true, multifd: true }, { 'multifd-channels': 2 }]);
+      coldRuns.push(['mapped-ram, multifd 2, direct-io', `file:${mappedFile}`, { 'mapped-ram': true, multifd: true }, { 'multifd-channels': 2, 'direct-io': true }]);
+    }
+    for (let i = 0; i < this.cfg.runs; i++) {
+      for (const [k, uri, caps, params] of i % 2 === 0 ? coldRuns : [...coldRuns].reverse()) {
+        const dst = await startVm(this.vmOpts({ incoming: 'defer' }));
+        try {
+          if (caps) await dst.setMigrationCapabilities(caps);
+          if (params) await dst.qmp.execute('migrate-set-parameters', params);
+          this.warm();
+          this.dropCaches();
+          const t0 = performance.now();
+          await dst.migrateIncoming(uri);
+          await dst.waitForMigrationStatus('completed', 180_000);
+          const t = (dst.migrationStatusSeen.get('completed') as number) - t0;
+          (cold.get(k) ?? cold.set(k, []).get(k) as number[]).push(t);
+          if (k.startsWith('load')) rss.set(`restore ${k}`, Math.max(rss.get(`restore ${k}`) ?? 0, this.stats().maxRssKiB));
+          log(`cold restore run ${i + 1}: ${k} ${ms(t)}`);
+        } finally {
+          await dst.stop();
+        }
+      }
+    }
+    const cb = (k: string) => timing(cold.get(k) as number[]).best;
+    const catCold = cb('`-incoming exec:cat STREAM`');
+    for (const [k] of coldRuns.slice(1)) {
+      this.rows.push(ratioRow(`cold restore: ${k} (vs \`-incoming exec:cat STREAM\`)`, cb(k), ms(cb(k)), catCold, ms(catCold), k.startsWith('load') ? { max: 0.8 } : undefined));
+    }
+    for (const [name, kib] of rss) {
+      if (name.startsWith('pipe') || name.startsWith('restore')) {
+        this.rows.push({ what: `peak RSS of ${name}`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 128 MiB', met: kib <= 128 * 1024 });
+      }
+    }
+    rmQuiet(saved);
+    rmQuiet(mappedFile);
+  }
+
   rssRows(): void {
     // ru_maxrss is in KiB; the target is 256 MiB whatever the VM size.
     const limitKiB = 256 * 1024;
     for (const [what, kib] of [['save', this.saveRss], ['load', this.loadRss]] as const) {
+      if (kib === 0) continue; // not measured (--only cache has rows of its own)
       this.rows.push({ what: `peak RSS of ${what} (pipe and QEMU runs)`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 256 MiB', met: kib <= limitKiB });
     }
   }
@@ -394,7 +569,7 @@ function timeFramer(file: string): Promise<number> {
 }
 
 /** The parts `--only` can pick. */
-const PARTS = ['save-pipe', 'load-pipe', 'framer', 'qemu-save', 'qemu-restore', 'postcopy'];
+const PARTS = ['save-pipe', 'load-pipe', 'framer', 'qemu-save', 'qemu-restore', 'postcopy', 'cache'];
 
 async function main(): Promise<void> {
   const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help'], string: ['runs', 'dir', 'json', 'md', 'only'] });
@@ -423,12 +598,13 @@ async function main(): Promise<void> {
   try {
     await b.prepare();
     // load-pipe and qemu-restore need the image save-pipe makes.
-    if (only.some((p) => p !== 'framer' && p !== 'qemu-save')) await b.savePipe();
+    if (only.some((p) => p !== 'framer' && p !== 'qemu-save' && p !== 'cache')) await b.savePipe();
     if (only.includes('load-pipe')) await b.loadPipe();
     if (only.includes('framer')) await b.framer();
     if (only.includes('qemu-save')) await b.qemuSave();
     if (only.includes('qemu-restore') || only.includes('postcopy')) await b.qemuRestore();
     if (only.includes('postcopy')) await b.postcopy();
+    if (only.includes('cache')) await b.cacheModes();
     b.rssRows();
   } finally {
     cleanup();

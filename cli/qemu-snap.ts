@@ -12,6 +12,7 @@ import { ProgressLine, ProgressMode } from '../src/util/progress';
 import { saveProgress, loadProgress, verifyProgress } from '../src/snapshot/progress-state';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
+import { AIO_MODES, CACHE_MODES, AioMode, CacheMode, isAioMode, isCacheMode } from '../src/util/direct-io';
 import { FdWriter, isPipe, makeNonBlocking } from '../src/util/fd-writer';
 import { native } from '../src/util/native';
 import { FdReader } from '../src/util/fd-reader';
@@ -91,6 +92,11 @@ const USAGE = `usage:
       --max-in-flight N       block writes outstanding (default 8)
       -f, --force             replace an existing IMAGE
       -s, --image-size SIZE   refuse a stream whose guest RAM is larger than SIZE
+      --cache=MODE            host cache: writeback (default), none, writethrough,
+                              directsync, unsafe (QEMU's meanings; none and directsync
+                              bypass the page cache with O_DIRECT, unsafe never fsyncs)
+      -n, --nocache           --cache=none
+      --aio=MODE              I/O engine: threads (default; native and io_uring are not built in)
   qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
       -o, --output FILE       write the stream to FILE instead of stdout
       -S, --page-size SIZE    refuse an image whose page size differs
@@ -103,6 +109,8 @@ const USAGE = `usage:
                               for every block whose length is a multiple of SIZE
       --no-verify             do not check RAM against the image's digests
       -s, --image-size SIZE   refuse an image whose guest RAM is larger than SIZE
+      --cache=MODE, -n, --aio=MODE   as for save: none/directsync read with O_DIRECT,
+                              N reads in flight, leaving the page cache untouched
   qemu-snap info [--json] FILE|-     describe a snapshot image or a raw migration stream
   qemu-snap verify IMAGE             check an image's structure and RAM digests without a VM
 common options:
@@ -175,6 +183,16 @@ function positiveInt(v: unknown, what: string): number | undefined {
   return Number(s);
 }
 
+/** --cache / -n/--nocache / --aio of save and load. */
+function cacheOptions(args: minimist.ParsedArgs): { cache: CacheMode | undefined; aio: AioMode | undefined } {
+  const cacheArg = oneString(args.cache, '--cache');
+  if (cacheArg !== undefined && !isCacheMode(cacheArg)) fail(`--cache: '${cacheArg}' is not one of ${CACHE_MODES.join(', ')}`);
+  if (args.nocache === true && cacheArg !== undefined && cacheArg !== 'none') fail(`-n/--nocache means --cache=none, not --cache=${cacheArg}`);
+  const aioArg = oneString(args.aio, '--aio');
+  if (aioArg !== undefined && !isAioMode(aioArg)) fail(`--aio: '${aioArg}' is not one of ${AIO_MODES.join(', ')}`);
+  return { cache: args.nocache === true ? 'none' : (cacheArg as CacheMode | undefined), aio: aioArg as AioMode | undefined };
+}
+
 function onePositional(args: minimist.ParsedArgs, what: string): string {
   const rest = args._.map(String);
   if (rest.length === 0) fail(`missing ${what}`);
@@ -231,9 +249,9 @@ function hardExit(code: number): void {
 
 async function cmdSave(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {
-    string: ['input', 'page-size', 'cluster-size', 'max-in-flight', 'image-size'],
-    boolean: ['force'],
-    alias: { i: 'input', S: 'page-size', f: 'force', s: 'image-size' },
+    string: ['input', 'page-size', 'cluster-size', 'max-in-flight', 'image-size', 'cache', 'aio'],
+    boolean: ['force', 'nocache'],
+    alias: { i: 'input', S: 'page-size', f: 'force', s: 'image-size', n: 'nocache' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot file to write)');
@@ -248,6 +266,7 @@ async function cmdSave(argv: string[]): Promise<void> {
     fail(`--page-size: ${pageSizeArg} is not a power of two from 512 to 64K`);
   }
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const { cache, aio } = cacheOptions(args);
   const inputPath = oneString(args.input, '--input');
   const fromStdin = inputPath === undefined || inputPath === '-';
   if (fromStdin && isatty(0)) fail('refusing to read a migration stream from a terminal: run it under QEMU (migrate "exec:qemu-snap save IMAGE") or use --input FILE');
@@ -270,6 +289,8 @@ async function cmdSave(argv: string[]): Promise<void> {
       maxInFlight,
       force: args.force === true,
       maxRamSize: imageSizeArg(args),
+      cache,
+      aio,
       returnPath: stdout(),
       signal: ac.signal,
       onProgress: (bytes, _pages, summary) => progress.update(saveProgress(bytes, summary)),
@@ -292,16 +313,17 @@ async function cmdLoad(argv: string[]): Promise<void> {
   // Set before the arguments are parsed: a usage error is a refusal too.
   if (isConsumer(1)) loadStreamBytes = () => 0;
   const { args, common } = parse(argv, {
-    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'host-page-size', 'image-size'],
-    boolean: ['verify'],
+    string: ['output', 'page-size', 'max-in-flight', 'postcopy', 'host-page-size', 'image-size', 'cache', 'aio'],
+    boolean: ['verify', 'nocache'],
     default: { verify: true },
-    alias: { o: 'output', S: 'page-size', p: 'postcopy', s: 'image-size' },
+    alias: { o: 'output', S: 'page-size', p: 'postcopy', s: 'image-size', n: 'nocache' },
   });
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to load)');
   const pageSizeArg = oneString(args['page-size'], '--page-size');
   const pageSize = pageSizeArg === undefined ? undefined : parseSize(pageSizeArg, '--page-size');
   const maxInFlight = positiveInt(args['max-in-flight'], '--max-in-flight');
+  const { cache, aio } = cacheOptions(args);
   const pctArg = oneString(args.postcopy, '--postcopy');
   let postcopy: number | undefined;
   if (pctArg !== undefined) {
@@ -338,6 +360,8 @@ async function cmdLoad(argv: string[]): Promise<void> {
       stdout: out as NodeJS.WritableStream | undefined,
       pageSize,
       maxInFlight,
+      cache,
+      aio,
       postcopy,
       hostPageSizes,
       verify: args.verify !== false,

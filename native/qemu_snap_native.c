@@ -22,8 +22,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -649,6 +652,94 @@ static napi_value send_fd(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// ---- direct I/O (cache modes none and directsync) ----
+// O_DIRECT needs buffers, file offsets and lengths aligned to what the file
+// system and device ask for. Node's Buffers have no alignment guarantee and
+// JS cannot see an address, so the aligned memory comes from here.
+
+static void aligned_finalize(napi_env env, void *data, void *hint) {
+  int64_t adjusted;
+  napi_adjust_external_memory(env, -(int64_t)(uintptr_t)hint, &adjusted);
+  free(data);
+}
+
+// alignedBuffer(size, align) -> a Buffer of `size` bytes whose address is a
+// multiple of `align` (a power of two), not zeroed; freed when collected.
+static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t size, align;
+  if (argc < 2 || !get_i64(env, argv[0], &size) || !get_i64(env, argv[1], &align)) CHECK(napi_invalid_arg);
+  if (size <= 0 || align < (int64_t)sizeof(void *) || (align & (align - 1)) != 0) return throw_errno(env, "alignedBuffer", EINVAL);
+  void *p = NULL;
+  int r = posix_memalign(&p, (size_t)align, (size_t)size);
+  if (r != 0) return throw_errno(env, "posix_memalign", r);
+  napi_value buf;
+  if (napi_create_external_buffer(env, (size_t)size, p, aligned_finalize, (void *)(uintptr_t)size, &buf) != napi_ok) {
+    free(p);
+    napi_throw_error(env, "ENOMEM", "alignedBuffer: cannot wrap the memory in a Buffer");
+    return NULL;
+  }
+  int64_t adjusted;
+  napi_adjust_external_memory(env, size, &adjusted);
+  return buf;
+}
+
+// addressModulo(buffer, align) -> the buffer's address modulo `align`
+// (0 when it may be handed to an O_DIRECT read or write as it is).
+static napi_value address_modulo(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t align;
+  void *data;
+  size_t len;
+  if (argc < 2 || !get_i64(env, argv[1], &align) || align <= 0) CHECK(napi_invalid_arg);
+  CHECK(napi_get_buffer_info(env, argv[0], &data, &len));
+  napi_value out;
+  CHECK(napi_create_int64(env, (int64_t)((uintptr_t)data % (uintptr_t)align), &out));
+  return out;
+}
+
+// dioAlign(fd) -> [memory alignment, offset alignment] for O_DIRECT on fd:
+// statx(STATX_DIOALIGN) where the kernel (6.1+) and file system report it,
+// else BLKSSZGET for a block device, else [0, 0] (unknown: the caller
+// assumes 4096). [0, 0] also when the file system reports no direct I/O.
+static napi_value dio_align(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd;
+  if (argc < 1 || !get_i64(env, argv[0], &fd)) CHECK(napi_invalid_arg);
+  uint32_t mem = 0, off = 0;
+#ifdef STATX_DIOALIGN
+  struct statx stx;
+  if (statx((int)fd, "", AT_EMPTY_PATH, STATX_DIOALIGN | STATX_TYPE, &stx) == 0) {
+    if (stx.stx_mask & STATX_DIOALIGN) {
+      mem = stx.stx_dio_mem_align;
+      off = stx.stx_dio_offset_align;
+    } else if (S_ISBLK(stx.stx_mode)) {
+      int ss = 0;
+      if (ioctl((int)fd, BLKSSZGET, &ss) == 0 && ss > 0) mem = off = (uint32_t)ss;
+    }
+  }
+#else
+  struct stat st;
+  if (fstat((int)fd, &st) == 0 && S_ISBLK(st.st_mode)) {
+    int ss = 0;
+    if (ioctl((int)fd, BLKSSZGET, &ss) == 0 && ss > 0) mem = off = (uint32_t)ss;
+  }
+#endif
+  napi_value out, a, b;
+  CHECK(napi_create_array_with_length(env, 2, &out));
+  CHECK(napi_create_uint32(env, mem, &a));
+  CHECK(napi_create_uint32(env, off, &b));
+  CHECK(napi_set_element(env, out, 0, a));
+  CHECK(napi_set_element(env, out, 1, b));
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pipeSize", NULL, pipe_size, NULL, NULL, NULL, napi_default, NULL},
@@ -665,6 +756,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"linkFd", NULL, link_fd, NULL, NULL, NULL, napi_default, NULL},
       {"socketPair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},
       {"sendFd", NULL, send_fd, NULL, NULL, NULL, napi_default, NULL},
+      {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_default, NULL},
+      {"addressModulo", NULL, address_modulo, NULL, NULL, NULL, napi_default, NULL},
+      {"dioAlign", NULL, dio_align, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   napi_value n;

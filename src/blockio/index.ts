@@ -6,6 +6,7 @@ export {
   OrderedBlockWriterEvents,
   DEFAULT_MAX_IN_FLIGHT,
   DEFAULT_HIGH_WATER_MARK,
+  segmentPieces,
 } from './ordered-writer';
 export {
   OrderedBlockReader,

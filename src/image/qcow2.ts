@@ -1,4 +1,4 @@
-import { readSync } from 'fs';
+import { readSync, constants as fsConstants } from 'fs';
 import { open as openFile } from 'fs/promises';
 import type { FileHandle } from 'fs/promises';
 import { inflateRaw, constants as zlibConstants } from 'zlib';
@@ -20,6 +20,22 @@ export interface Qcow2CreateOptions {
    * O_TMPFILE one): `path` then only names it in messages. Closed with the image.
    */
   file?: FileHandle;
+  /** Extra open(2) flags for the image file (O_DSYNC for write-through). */
+  openFlags?: number;
+}
+
+/**
+ * Where guest data (the virtual disk's clusters, not the metadata and not
+ * the VM state) is read and written instead of the image's own descriptor:
+ * a second descriptor of the same file, open with O_DIRECT (cache modes
+ * none and directsync). The two never touch the same host cluster, so the
+ * page cache (metadata) and direct I/O (data) stay coherent, and one fsync
+ * of either descriptor makes the whole inode durable.
+ */
+export interface GuestDataFile {
+  writev(position: number, slices: Buffer[], length: number): Promise<void>;
+  /** `length` bytes at `position` into out[at..]; zeros past the end of the file. */
+  read(out: Buffer, at: number, length: number, position: number): Promise<void>;
 }
 
 export interface Qcow2OpenOptions {
@@ -162,6 +178,7 @@ export class Qcow2Image {
   /** Views for viewSync(): undefined until first asked, null without the native module. */
   private mapped: MappedFile | null | undefined;
   private closed = false;
+  private dataFile: GuestDataFile | null = null;
 
   private constructor(s: ImageState) {
     this.path = s.path;
@@ -200,7 +217,7 @@ export class Qcow2Image {
     const l1Size = Math.ceil(virtualSize / (clusterSize * (clusterSize / 8)));
     if (l1Size > MAX_L1_ENTRIES) throw new Qcow2Error(path, `virtual size ${virtualSize} is too large for ${clusterSize}-byte clusters`);
 
-    const fh = opts.file ?? (await openFile(path, 'w+'));
+    const fh = opts.file ?? (await openFile(path, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC | (opts.openFlags ?? 0), 0o666));
     try {
       const refs = RefcountManager.createFresh(path, clusterSize, Math.log2(refcountBits));
       const l1Clusters = Math.ceil((l1Size * 8) / clusterSize);
@@ -285,6 +302,16 @@ export class Qcow2Image {
 
   // ---- public I/O -------------------------------------------------------
 
+  /**
+   * Sends guest data reads and writes through `file` from now on (null: the
+   * image's own descriptor again). The synchronous paths (readIntoSync,
+   * viewSync, writeSegmentsSync) then decline, as they use the image's own
+   * descriptor.
+   */
+  setDataFile(file: GuestDataFile | null): void {
+    this.dataFile = file;
+  }
+
   read(offset: number, length: number): Promise<Buffer> {
     this.checkGuestRange('read', offset, length);
     return this.track(this.readAt(offset, length, Buffer.allocUnsafe(length), 0));
@@ -313,7 +340,7 @@ export class Qcow2Image {
     this.checkGuestRange('read', offset, length);
     this.checkOut(out, outOffset, length);
     if (length === 0) return true;
-    if (this.cow.size !== 0) return false;
+    if (this.cow.size !== 0 || this.dataFile !== null) return false;
     return this.walkRead(offset, length, outOffset, {
       run: (at, n, host) => this.readRunSync(out, at, n, host),
       zeros: (at, n) => void out.fill(0, at, at + n),
@@ -332,7 +359,7 @@ export class Qcow2Image {
    */
   viewSync(offset: number, length: number): Buffer | null {
     this.checkGuestRange('read', offset, length);
-    if (this.writable || length === 0 || this.cow.size !== 0) return null;
+    if (this.writable || length === 0 || this.cow.size !== 0 || this.dataFile !== null) return null;
     if (this.mapped === undefined) {
       const mod = native();
       this.mapped = mod ? new MappedFile(mod, this.fh.fd, this.fileSize) : null;
@@ -380,7 +407,7 @@ export class Qcow2Image {
     this.checkGuestRange('write', offset, length);
     if (length === 0) return true;
     const mod = native();
-    if (!mod || this.cow.size !== 0) return false;
+    if (!mod || this.cow.size !== 0 || this.dataFile !== null) return false;
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
     const end = offset + length;
@@ -833,8 +860,9 @@ export class Qcow2Image {
   /** Map a guest range to host reads into `out` from `outOffset` on; null if an L2 table went missing meanwhile. */
   private planRead(offset: number, length: number, out: Buffer, outOffset: number): Promise<void>[] | null {
     const tasks: Promise<void>[] = [];
+    const data = offset < this.virtualSize ? this.dataFile : null;
     const mapped = this.walkRead(offset, length, outOffset, {
-      run: (at, n, host) => void tasks.push(this.readRun(out, at, n, host)),
+      run: (at, n, host) => void tasks.push(data ? data.read(out, at, n, host) : this.readRun(out, at, n, host)),
       zeros: (at, n) => void out.fill(0, at, at + n),
       compressed: (at, n, hi, lo, inCluster) => {
         tasks.push(this.inflate(hi, lo).then((data) => void data.copy(out, at, inCluster, inCluster + n)));
@@ -961,11 +989,12 @@ export class Qcow2Image {
 
     const cursor = new BufferCursor(buffers);
     const tasks: Promise<void>[] = [];
+    const data = offset < this.virtualSize ? this.dataFile : null;
     let runHost = -1;
     let runLen = 0;
     let runSlices: Buffer[] = [];
     const endRun = (): void => {
-      if (runLen > 0) tasks.push(writeSlices(this.fh, runSlices, runHost, runLen));
+      if (runLen > 0) tasks.push(data ? data.writev(runHost, runSlices, runLen) : writeSlices(this.fh, runSlices, runHost, runLen));
       runLen = 0;
       runSlices = [];
     };
@@ -1044,20 +1073,23 @@ export class Qcow2Image {
     const target = this.refs.allocate(1);
     // Pin the table in the cache until the entry is switched over.
     this.l2Dirty.add(l1i);
+    const data = gci * this.clusterSize < this.virtualSize ? this.dataFile : null;
     const p = (async () => {
       let content: Buffer;
       if ((hi & FLAG_COMPRESSED) !== 0) {
         content = Buffer.from(await this.inflate(hi, lo));
       } else {
         content = Buffer.alloc(this.clusterSize);
-        await readFully(this.fh, content, host);
+        if (data) await data.read(content, 0, content.length, host);
+        else await readFully(this.fh, content, host);
       }
       let at = inCluster;
       for (const s of slices) {
         s.copy(content, at);
         at += s.length;
       }
-      await writeSlices(this.fh, [content], target, content.length);
+      if (data) await data.writev(target, [content], content.length);
+      else await writeSlices(this.fh, [content], target, content.length);
       this.releaseEntry(hi, lo, host);
       this.setL2(table, j, target);
       this.l2Dirty.add(l1i);

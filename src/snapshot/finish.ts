@@ -10,8 +10,8 @@ import { encodeSnapshotHeader, VMSTATE_HEADER_SIZE } from './layout';
 import { DIGEST_CHUNK_SIZE, encodeDigestTable, SAVE_DIGEST_ALGORITHM } from './digests';
 import { ChunkTracker } from './chunk-tracker';
 
-/** Finishes `image` after the stream ended: header, digests (when a tracker recorded them), flush and fsync. */
-export async function finishSnapshotImage(image: Qcow2Image, summary: SnapshotSummary, tracker?: ChunkTracker | null): Promise<void> {
+/** Finishes `image` after the stream ended: header, digests (when a tracker recorded them), flush and (unless sync is false) fsync. */
+export async function finishSnapshotImage(image: Qcow2Image, summary: SnapshotSummary, tracker?: ChunkTracker | null, opts: { sync?: boolean } = {}): Promise<void> {
   const stateLength = summary.leaderLength + summary.deviceStateLength;
   await image.writeVmState(
     0,
@@ -28,5 +28,7 @@ export async function finishSnapshotImage(image: Qcow2Image, summary: SnapshotSu
     const stateCrc = zlib.crc32(await image.readVmState(VMSTATE_HEADER_SIZE, stateLength));
     await image.writeVmState(VMSTATE_HEADER_SIZE + stateLength, encodeDigestTable({ algorithm: SAVE_DIGEST_ALGORITHM, chunkSize: DIGEST_CHUNK_SIZE, stateCrc, chunks }));
   }
-  await image.flush({ sync: true });
+  // One fsync covers every descriptor of the file (the O_DIRECT data one too): it is the inode's.
+  // --cache=unsafe skips it.
+  await image.flush({ sync: opts.sync ?? true });
 }

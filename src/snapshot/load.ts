@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import { Writable } from 'streamx';
 import { pumpAsync } from '../util/pump';
 import { FdWriter } from '../util/fd-writer';
-import { OrderedBlockReader, ReadPlanEntry } from '../blockio';
+import { OrderedBlockReader, ReadPlanEntry, BlockRead } from '../blockio';
 import { ReturnPathParser, ReturnPathMsg } from '../migration/return-path';
 import {
   encodeOpenReturnPath,
@@ -29,7 +29,9 @@ import { InlinePieceDigester } from './digest-pieces';
 import { createChunkHasher, ChunkHasher } from './chunk-hash';
 import { DigestMismatchError } from './digests';
 import { DirectLoadPump } from './direct-pump';
+import { RunBufferPool } from './run-buffers';
 import { StreamVerifier, where } from './verify';
+import { AioMode, CacheMode, DirectFile, alignedAllocator, cachePolicy, checkAioMode, openDirect } from '../util/direct-io';
 
 export class LoadError extends QemuSnapError {}
 
@@ -54,6 +56,15 @@ export interface LoadOptions {
   verify?: boolean;
   /** Refuse an image whose RAM blocks add up to more than this many bytes (the RFC's -s/--image-size). */
   maxRamSize?: number;
+  /**
+   * Host cache mode (QEMU's names; default writeback). none and directsync
+   * read RAM with O_DIRECT through the ordered reader, maxInFlight reads
+   * outstanding, into aligned buffers: the image's data never enters the
+   * page cache. The other modes read through the page cache.
+   */
+  cache?: CacheMode;
+  /** I/O engine (default threads, the only one built in). */
+  aio?: AioMode;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
   /**
@@ -217,7 +228,18 @@ function* buildPlan(runs: Array<{ index: number; offset: number; length: number;
 }
 
 export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): Promise<LoadResult> {
-  const snap = await openSnapshot(imagePath);
+  const policy = cachePolicy(opts.cache);
+  checkAioMode(opts.aio ?? 'threads');
+  // Opened first: a file system without direct I/O is refused before anything else.
+  const dataFile = policy.direct ? openDirect(imagePath, fs.constants.O_RDONLY, `load --cache=${policy.mode}`) : null;
+  let snap: SnapshotContents;
+  try {
+    snap = await openSnapshot(imagePath);
+  } catch (err) {
+    dataFile?.close();
+    throw err;
+  }
+  if (dataFile) snap.image.setDataFile(dataFile);
   try {
     const ps = snap.header.pageSize;
     if (opts.pageSize !== undefined && opts.pageSize !== ps) {
@@ -229,13 +251,14 @@ export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): P
     }
     const postcopy = opts.postcopy !== undefined;
     if (postcopy && !opts.returnPath) throw new LoadError('postcopy needs the destination return path on stdin');
-    return await run(snap, opts);
+    return await run(snap, opts, dataFile);
   } finally {
     await snap.image.close().catch(() => undefined);
+    dataFile?.close();
   }
 }
 
-async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResult> {
+async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFile | null): Promise<LoadResult> {
   const ps = snap.header.pageSize;
   const postcopy = opts.postcopy !== undefined;
   // Measured on the 2-vCPU bench VM: 2 and 4 MiB reads were no faster
@@ -255,25 +278,46 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
   // synchronously into one reused output buffer (DirectLoadPump). Postcopy
   // keeps the stream pipeline: the main thread must stay free to read page
   // requests while the pipe is full, and urgent reads jump the queue.
+  // Under O_DIRECT every read goes through the ordered reader (N in flight):
+  // DirectLoadPump's synchronous reads would have one.
+  const pumped = !postcopy && dataFile === null;
   let ownFd: number | null = null;
   let direct: FdWriter | null = null;
-  if (!postcopy && opts.output) {
+  if (pumped && opts.output) {
     try {
       ownFd = fs.openSync(opts.output, 'w');
     } catch (err) {
       throw new LoadError(`cannot write ${opts.output}: ${(err as Error).message}`);
     }
     direct = new FdWriter(ownFd);
-  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
+  } else if (pumped && !opts.output && opts.stdout instanceof FdWriter) {
     direct = opts.stdout;
   }
   let pump: DirectLoadPump | null = null;
   let reader: OrderedBlockReader | null = null;
+  let alignedReads: RunBufferPool | null = null;
+  // The encoder copies every read into its output and the verifier hashes it
+  // at once: when they return, the read's buffer is free again.
+  const releaseRead = (read: BlockRead): void => {
+    if (alignedReads && read.data) alignedReads.release(read.data);
+  };
   if (direct) {
     const writer = direct;
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
-    reader = new OrderedBlockReader({ read: (offset: number, length: number) => snap.image.read(offset, length) }, plan, {
+    const image = snap.image;
+    const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : null;
+    if (allocate) alignedReads = new RunBufferPool(readSize, 2 * maxInFlight + 4, allocate);
+    const pool = alignedReads;
+    const read = pool && allocate
+      ? (offset: number, length: number) => {
+          // Aligned buffers, reused once the encoder has copied a read out
+          // (releaseRead): fresh ones cost page faults on every read.
+          const buf = length <= readSize ? pool.take() : allocate(length);
+          return image.readInto(offset, length, buf, 0).then(() => buf.subarray(0, length));
+        }
+      : (offset: number, length: number) => image.read(offset, length);
+    reader = new OrderedBlockReader({ read }, plan, {
       maxInFlight,
       highWaterMark: postcopy ? 256 << 10 : 4 << 20,
     });
@@ -335,7 +379,10 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
       verifier.end();
       return verifier.finished;
     },
-    onBackgroundEncoded: (read) => verifier?.add(read.offset, read.length, read.data),
+    onBackgroundEncoded: (read) => {
+      verifier?.add(read.offset, read.length, read.data);
+      releaseRead(read);
+    },
     suffix: () => (finishAsPrecopy ? [snap.deviceState] : [Buffer.from([Token.EOF])]),
     interject: () => {
       if (!postcopy || switched || encoder.dataPagesSent < thresholdPages) return null;
@@ -352,6 +399,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions): Promise<LoadResul
     },
     flushEachRange: () => switched,
     onUrgentSent: (read) => {
+      releaseRead(read);
       const t0 = requested.get(read.offset);
       if (t0 === undefined) return;
       requested.delete(read.offset);

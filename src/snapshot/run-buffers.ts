@@ -8,11 +8,18 @@ export class RunBufferPool {
   /** Buffers handed out and not yet given back (weak: one never given back is simply collected). */
   private readonly lent = new WeakSet<ArrayBufferLike>();
 
-  /** `size` bytes per buffer; at most `keep` idle buffers are kept. */
-  constructor(readonly size: number, private readonly keep = 64) {}
+  /**
+   * `size` bytes per buffer; at most `keep` idle buffers are kept.
+   * `allocate` makes a fresh one (aligned memory for O_DIRECT, say).
+   */
+  constructor(
+    readonly size: number,
+    private readonly keep = 64,
+    private readonly allocate: (size: number) => Buffer = Buffer.allocUnsafeSlow,
+  ) {}
 
   take(): Buffer {
-    const b = this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+    const b = this.free.pop() ?? this.allocate(this.size);
     this.lent.add(b.buffer);
     return b;
   }

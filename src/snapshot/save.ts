@@ -8,12 +8,13 @@
 // gives it the target's: a save killed outright leaves nothing. Elsewhere it
 // is a named temporary, removed on any failure, and a later save into the
 // same directory removes those whose owner died.
+import * as fs from 'node:fs';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { pumpAsync } from '../util/pump';
-import { OrderedBlockWriter, BlockWriteTarget } from '../blockio';
+import { OrderedBlockWriter, BlockWriteTarget, BlockWrite } from '../blockio';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import { Command } from '../migration/constants';
@@ -27,6 +28,7 @@ import { finishSnapshotImage } from './finish';
 import { ChunkTracker } from './chunk-tracker';
 import { createChunkHasher } from './chunk-hash';
 import { native } from '../util/native';
+import { AioMode, CacheMode, DirectFile, alignedAllocator, cachePolicy, checkAioMode, openDirect } from '../util/direct-io';
 
 export class SaveTargetError extends QemuSnapError {}
 
@@ -55,6 +57,15 @@ export interface SaveOptions {
   signal?: AbortSignal;
   /** Refuse a stream whose RAM blocks add up to more than this many bytes (the RFC's -s/--image-size). */
   maxRamSize?: number;
+  /**
+   * Host cache mode, QEMU's meanings (default writeback): none and
+   * directsync write guest RAM with O_DIRECT through the block ring,
+   * writethrough and directsync with O_DSYNC, unsafe never fsyncs (the
+   * image is still published atomically, by rename).
+   */
+  cache?: CacheMode;
+  /** I/O engine (default threads, the only one built in). */
+  aio?: AioMode;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -116,6 +127,8 @@ export interface SaveResult extends SnapshotSummary {
 export class ImageBlockTarget implements BlockWriteTarget {
   image: Qcow2Image | null = null;
   tracker: ChunkTracker | null = null;
+  /** Background fdatasync as data accumulates (writeback mode only: the others have nothing dirty worth it, or must not sync). */
+  backgroundSync = true;
   private unsynced = 0;
   private syncing = false;
 
@@ -124,6 +137,7 @@ export class ImageBlockTarget implements BlockWriteTarget {
    * push data to the disk in the background as it accumulates instead.
    */
   private writeback(image: Qcow2Image, length: number): void {
+    if (!this.backgroundSync) return;
     this.unsynced += length;
     if (this.syncing || this.unsynced < WRITEBACK_BYTES) return;
     this.syncing = true;
@@ -148,6 +162,10 @@ export class ImageBlockTarget implements BlockWriteTarget {
     this.tracker?.writeSegments(offset, length, buffers, segments, count);
     this.writeback(image, length);
     return true;
+  }
+
+  writeSync(w: BlockWrite): boolean {
+    return w.segments !== undefined && this.writeSegmentsSync(w.offset, w.length, w.buffers, w.segments, w.count ?? 0);
   }
 
   writev(offset: number, buffers: Buffer[]): Promise<void> {
@@ -175,7 +193,15 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   const tmpPath = tempName(target);
   // The open image file: unnamed (tmpPath null) or named tmpPath.
   let file: ImageFile | null = null;
+  const policy = cachePolicy(opts.cache);
+  const what = `save --cache=${policy.mode}`;
+  checkAioMode(opts.aio ?? 'threads');
+  // Direct I/O is tried on a probe file first: a file system without it
+  // (tmpfs) is refused before any of the stream is read, nothing left behind.
+  const dioMemAlign = policy.direct ? probeDirect(tmpPath, what, imagePath) : 0;
   const blockTarget = new ImageBlockTarget();
+  blockTarget.backgroundSync = policy.mode === 'writeback';
+  let dataFile: DirectFile | null = null;
   // Resolves once the temporary image exists (or failed to): a stream that
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
@@ -185,22 +211,33 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   let returnPathOpen = false;
   // Runs are written straight from the input chunks when the native module
   // can (pwritev, and XXH64 over the same pieces).
-  const gather = native() !== null && (hasher === null || hasher.updateSegments !== undefined);
+  // Under O_DIRECT, runs are copied into aligned buffers and written through the ring.
+  const gather = !policy.direct && native() !== null && (hasher === null || hasher.updateSegments !== undefined);
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
-    gather: gather ? (offset, length, buffers, segments, count) => blockTarget.writeSegmentsSync(offset, length, buffers, segments, count) : undefined,
+    allocateRun: policy.direct ? alignedAllocator(dioMemAlign) : undefined,
+    segmentRuns: gather,
     prepareImage: async (virtualSize: number, blocks: RamBlockLayout[]) => {
       const ram = blocks.reduce((sum, b) => sum + b.length, 0);
       if (opts.maxRamSize !== undefined && ram > opts.maxRamSize) {
         throw new SaveTargetError(`the stream's guest RAM (${ram} bytes in ${blocks.length} blocks) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
       }
-      const created = openImageFile(dir, tmpPath).then((f) => {
+      const openFlags = policy.dsync ? fsc.O_DSYNC : 0;
+      const created = openImageFile(dir, tmpPath, openFlags).then((f) => {
         file = f;
         // Messages name the image the user asked for, not a hidden temporary.
         return Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh });
       });
       creating = created.catch(() => null);
       const image = await created;
+      if (policy.direct) {
+        // Guest RAM through a second, O_DIRECT descriptor; metadata and the
+        // VM state (small, unaligned) through the image's buffered one.
+        // An unnamed file is reopened through /proc: a new open file description with its own flags.
+        const named = (file as ImageFile | null)?.tmpPath ?? `/proc/self/fd/${(file as ImageFile | null)?.fh.fd ?? -1}`;
+        dataFile = openDirect(named, fsc.O_RDWR | (policy.dsync ? fsc.O_DSYNC : 0), what, imagePath);
+        image.setDataFile(dataFile);
+      }
       blockTarget.image = image;
       if (hasher) blockTarget.tracker = new ChunkTracker(image, virtualSize, hasher);
       return image.vmStateOffset;
@@ -259,15 +296,16 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
     const image = blockTarget.image;
     if (!image) throw new SaveTargetError('stream ended before its RAM block list');
     const summary = writer.summary();
-    await finishSnapshotImage(image, summary, blockTarget.tracker);
+    await finishSnapshotImage(image, summary, blockTarget.tracker, { sync: policy.flush });
     const f = file as ImageFile | null;
     if (!f) throw new SaveTargetError(`${imagePath}: the image file was never opened`);
     // An unnamed file is linked while it is still open.
     if (f.tmpPath === null) await publishUnnamed(f.fh, target, opts.force === true);
     await image.close();
+    (dataFile as DirectFile | null)?.close();
     blockTarget.image = null;
     if (f.tmpPath !== null) await publish(f.tmpPath, target, opts.force === true);
-    await syncDirectory(target);
+    if (policy.flush) await syncDirectory(target);
     ok = true;
     if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(0));
     return { ...summary, imagePath: target, streamBytes: gate.bytes };
@@ -280,6 +318,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       const pending = creating as Promise<Qcow2Image | null> | null;
       const image = pending ? await pending : null;
       if (image) await image.close().catch(() => undefined);
+      try {
+        (dataFile as DirectFile | null)?.close();
+      } catch {
+        // closing is all that is left to do with it
+      }
       const named = (file as ImageFile | null)?.tmpPath;
       if (pending && named) await fsp.unlink(named).catch(() => undefined);
       // Never opened as an image (create failed): close the file itself.
@@ -337,17 +380,17 @@ function tempName(target: string): string {
  * (for linkat) allow it, else the named temporary `tmpPath`, after removing
  * stale ones. QEMU_SNAP_TMPFILE=0 forces the named temporary.
  */
-async function openImageFile(dir: string, tmpPath: string): Promise<ImageFile> {
+async function openImageFile(dir: string, tmpPath: string, openFlags = 0): Promise<ImageFile> {
   await removeStaleTemps(dir);
   if (process.platform === 'linux' && native() && process.env.QEMU_SNAP_TMPFILE !== '0') {
     try {
-      return { fh: await fsp.open(dir, O_TMPFILE | fsc.O_RDWR, 0o666), tmpPath: null };
+      return { fh: await fsp.open(dir, O_TMPFILE | fsc.O_RDWR | openFlags, 0o666), tmpPath: null };
     } catch (err) {
       // Not supported here (old kernels say EISDIR): fall back.
       if (!['EOPNOTSUPP', 'EISDIR', 'EINVAL'].includes(String((err as NodeJS.ErrnoException).code))) throw err;
     }
   }
-  return { fh: await fsp.open(tmpPath, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o666), tmpPath };
+  return { fh: await fsp.open(tmpPath, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | openFlags, 0o666), tmpPath };
 }
 
 /** Removes named temporaries of earlier saves whose process is gone (SIGKILL, a crash, power loss). */
@@ -421,6 +464,28 @@ async function checkDirectory(typedDir: string, imagePath: string): Promise<void
     if (code === 'ENOENT') throw new SaveTargetError(`${typedDir}: no such directory (for IMAGE ${imagePath})`);
     if (code === 'ENOTDIR') throw new SaveTargetError(`${typedDir}: not a directory (for IMAGE ${imagePath})`);
     throw err;
+  }
+}
+
+/**
+ * Creates `tmpPath`, opens it with O_DIRECT and removes it again: the
+ * direct-I/O memory alignment when the file system does direct I/O, a
+ * DirectIoError naming the mode and `shown` when it does not.
+ */
+function probeDirect(tmpPath: string, what: string, shown: string): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(tmpPath, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o600);
+  } catch (err) {
+    throw new SaveTargetError(`${shown}: cannot create ${tmpPath}: ${(err as Error).message}`);
+  }
+  try {
+    fs.closeSync(fd);
+    const probe = openDirect(tmpPath, fsc.O_RDWR, what, shown);
+    probe.close();
+    return probe.memAlign;
+  } finally {
+    fs.unlinkSync(tmpPath);
   }
 }
 

@@ -52,6 +52,15 @@ export interface SnapshotWriterOptions {
    * through writeDone(). Without it XBZRLE pages are refused.
    */
   readPage?(offset: number, out: Buffer): Promise<void> | null;
+  /**
+   * Gather mode through the block ring: each run is pushed as a segment
+   * BlockWrite over the input chunks (no copy), which the ring's target
+   * may write synchronously. The chunks a run refers to are held
+   * (releasedBefore) until writeDone() reports it. Ignored with `gather`.
+   */
+  segmentRuns?: boolean;
+  /** Makes a run buffer of `size` bytes (default Buffer.allocUnsafeSlow); aligned memory for O_DIRECT. */
+  allocateRun?: (size: number) => Buffer;
 }
 
 /**
@@ -153,7 +162,15 @@ export class SnapshotWriter extends Transform {
    * holding only such bytes may be reused. It stops at the device state,
    * whose chunks are written as they are.
    */
-  releasedBefore = 0;
+  get releasedBefore(): number {
+    const h = this.pendingHead;
+    return h < this.pendingRunStarts.length ? Math.min(this.pendingRunStarts[h], this.released) : this.released;
+  }
+
+  private released = 0;
+  /** Stream offsets where the pushed segment runs not yet reported by writeDone() began, in push order. */
+  private pendingRunStarts: number[] = [];
+  private pendingHead = 0;
 
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
@@ -171,8 +188,15 @@ export class SnapshotWriter extends Transform {
     if (this.maxRunBytes < 65536 || (this.maxRunBytes & (this.maxRunBytes - 1)) !== 0) {
       throw new RangeError(`maxRunBytes must be a power of two of at least 64 KiB, got ${this.maxRunBytes}`);
     }
-    this.pool = new RunBufferPool(this.maxRunBytes);
-    this.gather = opts.gather ?? null;
+    this.pool = new RunBufferPool(this.maxRunBytes, undefined, opts.allocateRun);
+    this.gather = opts.gather ?? (opts.segmentRuns ? (o, l, b, s, c) => this.pushSegments(o, l, b, s, c) : null);
+  }
+
+  /** segmentRuns: the run goes down the pipeline as a segment write; its input is held until writeDone(). */
+  private pushSegments(offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number): boolean {
+    this.pendingRunStarts.push(this.runStreamOffset);
+    this.push({ offset, length, buffers: buffers.slice(), segments: segments.slice(0, count * 3), count });
+    return true;
   }
 
   /**
@@ -180,7 +204,14 @@ export class SnapshotWriter extends Transform {
    * Without these calls the buffers are simply left to the GC.
    */
   writeDone(w: BlockWrite): void {
-    if (w.buffers.length === 1) this.pool.release(w.buffers[0]);
+    if (w.segments !== undefined) {
+      if (++this.pendingHead > 1024 && this.pendingHead * 2 > this.pendingRunStarts.length) {
+        this.pendingRunStarts = this.pendingRunStarts.slice(this.pendingHead);
+        this.pendingHead = 0;
+      }
+    } else if (w.buffers.length === 1) {
+      this.pool.release(w.buffers[0]);
+    }
     if (this.opts.readPage && this.inFlightHead < this.inFlightStart.length) {
       // Completions come in push order (OrderedBlockWriter): the head is this write.
       this.inFlightHead++;
@@ -229,7 +260,7 @@ export class SnapshotWriter extends Transform {
           this.recordOffset = rec.offset;
           this.storeRun(rec);
           // A gathered run still open refers to the input from where it began.
-          if (this.phase === 'ram') this.releasedBefore = this.runOpen ? Math.min(rec.offset, this.runStreamOffset) : rec.offset;
+          if (this.phase === 'ram') this.released = this.runOpen ? Math.min(rec.offset, this.runStreamOffset) : rec.offset;
           return cb(null);
         case 'ram-page':
           this.recordOffset = rec.offset;

@@ -42,6 +42,12 @@ export interface NativeModule {
   socketPair?(bufferBytes?: number): [number, number];
   /** sendmsg(2) of `data` on the socket `sockFd` with `fd` as SCM_RIGHTS (QMP getfd). Returns the bytes sent. */
   sendFd?(sockFd: number, fd: number, data: Buffer): number;
+  /** `size` bytes at an address that is a multiple of `align` (posix_memalign), not zeroed; freed when collected. */
+  alignedBuffer(size: number, align: number): Buffer;
+  /** The buffer's address modulo `align`. */
+  addressModulo(buf: Uint8Array, align: number): number;
+  /** [memory, offset] alignment O_DIRECT needs on `fd` (statx STATX_DIOALIGN, BLKSSZGET), [0, 0] when unknown. */
+  dioAlign(fd: number): [number, number];
 }
 
 let loaded: NativeModule | null | undefined;
