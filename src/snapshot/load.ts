@@ -284,11 +284,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   let ownFd: number | null = null;
   let direct: FdWriter | null = null;
   if (pumped && opts.output) {
-    try {
-      ownFd = fs.openSync(opts.output, 'w');
-    } catch (err) {
-      throw new LoadError(`cannot write ${opts.output}: ${(err as Error).message}`);
-    }
+    ownFd = await openOutput(opts.output, opts.signal);
     direct = new FdWriter(ownFd);
   } else if (pumped && !opts.output && opts.stdout instanceof FdWriter) {
     direct = opts.stdout;
@@ -577,6 +573,40 @@ function requestPages(
     // encoder (emitted, not yet encoded): the request is served by that.
     if (reader.destroyed || reader.exhausted) return;
     reader.urgent({ offset: run.offset, length: run.length, hole: !run.allocated, tag: index });
+  }
+}
+
+/**
+ * open(2) of --output for writing. A FIFO with no reader yet would block in
+ * open until one comes, in a thread no signal can free (process exit waits
+ * for it): a FIFO is opened O_NONBLOCK, which fails with ENXIO until a reader
+ * is there, so it is retried until then or until the load is interrupted.
+ * The descriptor stays non-blocking; FdWriter waits out EAGAIN.
+ */
+async function openOutput(file: string, signal?: AbortSignal): Promise<number> {
+  const interrupted = (): LoadError => new LoadError(`load interrupted (${String(signal?.reason ?? 'aborted')}) while opening ${file} (no reader on it yet?)`);
+  const cannot = (err: unknown): LoadError => new LoadError(`cannot write ${file}: ${(err as Error).message}`);
+  let fifo = false;
+  try {
+    fifo = (await fs.promises.stat(file)).isFIFO();
+  } catch {
+    // not there yet: created below
+  }
+  if (!fifo) {
+    try {
+      return await new Promise<number>((resolve, reject) => fs.open(file, 'w', (err, fd) => (err ? reject(err) : resolve(fd))));
+    } catch (err) {
+      throw cannot(err);
+    }
+  }
+  for (;;) {
+    if (signal?.aborted) throw interrupted();
+    try {
+      return fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw cannot(err);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }
 

@@ -197,6 +197,29 @@ for (const native of [true, false]) {
       fs.closeSync(r);
     }
   });
+
+  test(`[${mode}] load -o FIFO: SIGTERM while no reader opened it ends it within 2 s; a late reader gets the whole stream`, async () => {
+    const fifo = path.join(dir, `out-fifo${fifos++}`);
+    assert.is(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
+    try {
+      const first = start(['load', '-q', '-o', fifo, image], 'ignore', 'ignore', native);
+      await sleep(1000);
+      const t0 = Date.now();
+      first.child.kill('SIGTERM');
+      assertInterrupted(await first.done, 'SIGTERM', t0);
+      // The reader comes a second after the load started waiting for it.
+      const second = start(['load', '-q', '-o', fifo, image], 'ignore', 'ignore', native);
+      await sleep(1000);
+      const r = await new Promise<number>((resolve, reject) => fs.open(fifo, 'r', (err, fd) => (err ? reject(err) : resolve(fd))));
+      const got = await readAll(r);
+      fs.closeSync(r);
+      const e = await second.done;
+      assert.is(e.code, 0, e.stderr);
+      assert.ok(got.equals(expectedLoad), `the FIFO got ${got.length} bytes, the same as --output to a file`);
+    } finally {
+      fs.rmSync(fifo, { force: true });
+    }
+  });
 }
 
 test.run();
