@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <node_api.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -759,6 +760,8 @@ static napi_value dio_align(napi_env env, napi_callback_info info) {
 // refuses (returns false) beyond that, and JS queues. The raw system calls
 // need no libaio; glibc has no wrappers for them.
 
+typedef struct AioRequest AioRequest;
+
 typedef struct {
   aio_context_t ctx;
   int efd;
@@ -776,12 +779,22 @@ typedef struct {
   // collected, whichever comes last.
   int handle_closed;
   int finalized;
+  // Requests in the kernel, so that those io_destroy waits for are freed too.
+  AioRequest *live;
 } AioEngine;
 
-typedef struct {
+struct AioRequest {
+  AioRequest *prev, *next;
   struct iocb cb;
   struct iovec iov[];
-} AioRequest;
+};
+
+static void aio_unlink(AioEngine *e, AioRequest *r) {
+  if (r->prev) r->prev->next = r->next;
+  else e->live = r->next;
+  if (r->next) r->next->prev = r->prev;
+  free(r);
+}
 
 static long sys_io_setup(unsigned nr, aio_context_t *ctx) { return syscall(__NR_io_setup, nr, ctx); }
 static long sys_io_destroy(aio_context_t ctx) { return syscall(__NR_io_destroy, ctx); }
@@ -802,8 +815,10 @@ static void aio_close_engine(AioEngine *e) {
   if (e->closed) return;
   e->closed = 1;
   if (e->ctx) sys_io_destroy(e->ctx);
-  // The completions that io_destroy waited for: their requests are freed here.
   e->ctx = 0;
+  // io_destroy waited for what was in the kernel, and dropped its events.
+  while (e->live) aio_unlink(e, e->live);
+  e->inflight = 0;
   if (e->callback) napi_delete_reference(e->env, e->callback);
   e->callback = NULL;
   if (e->async) napi_async_destroy(e->env, e->async);
@@ -835,10 +850,11 @@ static void aio_on_ready(uv_poll_t *handle, int status, int events) {
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     for (long i = 0; i < n; i++) {
-      AioRequest *r = (AioRequest *)(uintptr_t)events_[i].obj;
+      // obj is the iocb's address, inside its request.
+      AioRequest *r = (AioRequest *)((char *)(uintptr_t)events_[i].obj - offsetof(AioRequest, cb));
       double tag = (double)(int64_t)events_[i].data;
       int64_t res = events_[i].res;
-      free(r);
+      aio_unlink(e, r);
       e->inflight--;
       if (e->callback == NULL || napi_get_reference_value(env, e->callback, &fn) != napi_ok) continue;
       napi_value argv[2], global, ignored;
@@ -972,6 +988,9 @@ static napi_value aio_submit(napi_env env, napi_callback_info info) {
     free(r);
     return throw_errno(env, write ? "io_submit(pwritev)" : "io_submit(preadv)", err);
   }
+  r->next = e->live;
+  if (e->live) e->live->prev = r;
+  e->live = r;
   e->submitted++;
   if (++e->inflight > e->peak) e->peak = e->inflight;
   if (!e->polling) {

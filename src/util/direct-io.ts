@@ -155,8 +155,8 @@ function readAsync(fd: number, out: Buffer, at: number, length: number, position
 
 /**
  * A file open with O_DIRECT. Writes and reads whose offset, length and
- * memory are aligned go straight to the thread pool (one pwritev/pread
- * each); any other is done through an aligned bounce buffer, a partial
+ * memory are aligned go straight to the thread pool, or to Linux AIO with
+ * --aio=native (one pwritev/pread each); any other is done through an aligned bounce buffer, a partial
  * sector at either end read, patched and written back synchronously on
  * this thread so that no other write can slip in between (a partial sector
  * is only ever shared with another unaligned write: an aligned write that

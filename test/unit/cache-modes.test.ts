@@ -88,8 +88,15 @@ test('Linux AIO: at most maxInFlight requests in the kernel, the rest queued in 
     assert.is(err?.code, 'EINVAL');
   } finally {
     aio.destroy();
-    fs.closeSync(fd);
   }
+  // Closed with requests in the kernel and queued: it waits for the first, fails them all, and stays closed.
+  const early = new LinuxAio(mod, 2);
+  const buf = alignedAllocator(4096)(1 << 20);
+  const outcomes = [0, 1, 2, 3, 4].map((i) => early.pwritev(fd, [buf], i << 20).then(() => 'done', (e: NodeJS.ErrnoException) => String(e.code)));
+  early.destroy();
+  assert.equal(await Promise.all(outcomes), ['ECANCELED', 'ECANCELED', 'ECANCELED', 'ECANCELED', 'ECANCELED']);
+  assert.is(await early.preadv(fd, [buf], 0).then(() => 'done', (e: NodeJS.ErrnoException) => String(e.code)), 'EBADF');
+  fs.closeSync(fd);
 });
 
 test('the aligned pool hands out aligned buffers and takes them back', () => {
