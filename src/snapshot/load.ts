@@ -65,8 +65,8 @@ export interface LoadOptions {
   cache?: CacheMode;
   /**
    * I/O engine for the O_DIRECT RAM reads (default threads): native is
-   * Linux AIO with at most maxInFlight requests in the kernel, and needs
-   * cache none or directsync.
+   * Linux AIO, io_uring io_uring, each with at most maxInFlight requests in
+   * the kernel; both need cache none or directsync.
    */
   aio?: AioMode;
   /** Postcopy milestones, for benchmarks. */

@@ -67,8 +67,8 @@ export interface SaveOptions {
   cache?: CacheMode;
   /**
    * I/O engine for the O_DIRECT guest RAM writes (default threads): native
-   * is Linux AIO with at most maxInFlight requests in the kernel, and needs
-   * cache none or directsync.
+   * is Linux AIO, io_uring io_uring, each with at most maxInFlight requests
+   * in the kernel; both need cache none or directsync.
    */
   aio?: AioMode;
 }

@@ -57,35 +57,40 @@ export class DirectIoError extends QemuSnapError {}
 
 /**
  * Throws unless `mode` can run with `policy` here (`what`, e.g. "save", for
- * the message). `threads` is Node's thread pool. `native` is Linux AIO
- * through the native module, which, as in QEMU, needs cache.direct: the
- * kernel only does O_DIRECT I/O asynchronously. `io_uring` is not built in.
+ * the message). `threads` is Node's thread pool. `native` (Linux AIO) and
+ * `io_uring` go through the native module and serve the O_DIRECT I/O of
+ * cache modes none and directsync: with `native`, as in QEMU, because the
+ * kernel only does O_DIRECT I/O asynchronously; with `io_uring` because
+ * that is all qemu-snap uses an engine for (QEMU would take it buffered).
  */
 export function checkAioMode(mode: AioMode, policy: CachePolicy = cachePolicy(), what = 'qemu-snap'): void {
   if (mode === 'threads') return;
-  if (mode === 'native') {
-    if (!policy.direct) {
-      throw new DirectIoError(`${what} --aio=native: needs --cache=none or --cache=directsync (Linux AIO is only asynchronous with O_DIRECT; QEMU likewise refuses aio=native without cache.direct=on), not --cache=${policy.mode}`);
-    }
-    const mod = native();
-    if (mod === null) throw new DirectIoError(`${what} --aio=native: needs the native module (${nativeUnavailableReason()}); use --aio=threads`);
-    if (mod.aioCreate === undefined) throw new DirectIoError(`${what} --aio=native: the native module was built without Linux AIO (rebuild it: npm run build:native); use --aio=threads`);
-    return;
+  if (!policy.direct) {
+    const why =
+      mode === 'native'
+        ? 'Linux AIO is only asynchronous with O_DIRECT; QEMU likewise refuses aio=native without cache.direct=on'
+        : 'qemu-snap uses io_uring for its O_DIRECT I/O only';
+    throw new DirectIoError(`${what} --aio=${mode}: needs --cache=none or --cache=directsync (${why}), not --cache=${policy.mode}`);
   }
-  throw new DirectIoError(`${what} --aio=io_uring: not built into this qemu-snap (its native module has no io_uring engine; ${ioUringKernelState()}); use --aio=native or --aio=threads`);
+  if (mode === 'io_uring') {
+    const state = ioUringKernelState();
+    if (state.disabled) throw new DirectIoError(`${what} --aio=io_uring: ${state.text}; use --aio=native or --aio=threads`);
+  }
+  const mod = native();
+  if (mod === null) throw new DirectIoError(`${what} --aio=${mode}: needs the native module (${nativeUnavailableReason()}); use --aio=threads`);
+  if (mod.aioCreate === undefined) throw new DirectIoError(`${what} --aio=${mode}: the native module was built without it (rebuild it: npm run build:native); use --aio=threads`);
 }
 
 /** What the kernel says about io_uring (/proc/sys/kernel/io_uring_disabled, Linux 6.6+). */
-function ioUringKernelState(): string {
+function ioUringKernelState(): { disabled: boolean; text: string } {
   let v: string;
   try {
     v = fs.readFileSync('/proc/sys/kernel/io_uring_disabled', 'utf8').trim();
   } catch {
-    return 'this kernel has no io_uring_disabled switch';
+    return { disabled: false, text: 'this kernel has no io_uring_disabled switch' };
   }
-  if (v === '0') return 'the kernel allows it: io_uring_disabled=0';
-  if (v === '1') return 'and the kernel limits it to the io_uring_group: io_uring_disabled=1';
-  return `and the kernel disables it: io_uring_disabled=${v}`;
+  if (v === '0' || v === '1') return { disabled: false, text: `io_uring_disabled=${v}` };
+  return { disabled: true, text: `the kernel disables io_uring (/proc/sys/kernel/io_uring_disabled is ${v})` };
 }
 
 /** The I/O engine a DirectFile uses: Node's thread pool, or Linux AIO with this many requests in the kernel at most. */
@@ -127,12 +132,13 @@ export function openDirect(file: string, flags: number, what: string, shown: str
   const memAlign = pow2AtLeast(mem || DEFAULT_DIO_ALIGN, DEFAULT_DIO_ALIGN);
   const offsetAlign = off || DEFAULT_DIO_ALIGN;
   let aio: LinuxAio | null = null;
-  if (engine !== undefined && engine.aio === 'native') {
+  if (engine !== undefined && engine.aio !== 'threads') {
     try {
-      aio = new LinuxAio(mod, engine.maxInFlight);
+      aio = new LinuxAio(mod, engine.maxInFlight, engine.aio);
     } catch (err) {
       fs.closeSync(fd);
-      throw new DirectIoError(`${what} --aio=native: ${(err as Error).message}; use --aio=threads`);
+      // io_uring_disabled=1 and not in io_uring_group: EPERM.
+      throw new DirectIoError(`${what} --aio=${engine.aio}: ${(err as Error).message}; use --aio=threads`);
     }
   }
   return new DirectFile(fd, file, memAlign, offsetAlign, aio);
@@ -155,8 +161,8 @@ function readAsync(fd: number, out: Buffer, at: number, length: number, position
 
 /**
  * A file open with O_DIRECT. Writes and reads whose offset, length and
- * memory are aligned go straight to the thread pool, or to Linux AIO with
- * --aio=native (one pwritev/pread each); any other is done through an aligned bounce buffer, a partial
+ * memory are aligned go straight to the thread pool, or to Linux AIO or
+ * io_uring with --aio (one pwritev/pread each); any other is done through an aligned bounce buffer, a partial
  * sector at either end read, patched and written back synchronously on
  * this thread so that no other write can slip in between (a partial sector
  * is only ever shared with another unaligned write: an aligned write that
@@ -171,7 +177,7 @@ export class DirectFile {
 
   /**
    * `aio`: aligned reads and writes go through Linux AIO (--aio=native)
-   * instead of the thread pool; closed with the file.
+   * or io_uring instead of the thread pool; closed with the file.
    */
   constructor(readonly fd: number, readonly path: string, readonly memAlign: number, readonly offsetAlign: number, readonly aio: LinuxAio | null = null) {}
 

@@ -1,6 +1,7 @@
-// --aio=native: Linux AIO (io_submit/io_getevents) through the native
-// module, as QEMU's aio=native. The kernel does the I/O asynchronously only
-// for O_DIRECT files, so this engine serves DirectFile alone.
+// --aio=native and --aio=io_uring: Linux AIO (io_submit/io_getevents) or
+// io_uring through the native module, as QEMU's aio=native and io_uring.
+// Linux AIO is only asynchronous for O_DIRECT files, and this engine serves
+// DirectFile alone (with either kind).
 //
 // At most maxInFlight requests are in the kernel at once (submitted and not
 // yet reaped): that is --max-in-flight, counted where it is real. Requests
@@ -21,6 +22,9 @@ interface AioRequest {
   resolve(bytes: number): void;
   reject(err: Error): void;
 }
+
+/** The kernel interface: Linux AIO (QEMU's aio=native) or io_uring. */
+export type KernelAioKind = 'native' | 'io_uring';
 
 export interface LinuxAioStats {
   /** Requests in the kernel now. */
@@ -46,9 +50,9 @@ export class LinuxAio {
   private nextTag = 1;
   private destroyed = false;
 
-  constructor(private readonly mod: NativeModule, readonly maxInFlight: number) {
-    if (!mod.aioCreate) throw new Error('the native module has no Linux AIO engine (rebuild it: npm run build:native)');
-    this.handle = mod.aioCreate(maxInFlight, (tag, result) => this.complete(tag, result));
+  constructor(private readonly mod: NativeModule, readonly maxInFlight: number, readonly kind: KernelAioKind = 'native') {
+    if (!mod.aioCreate) throw new Error('the native module has no Linux AIO or io_uring engine (rebuild it: npm run build:native)');
+    this.handle = mod.aioCreate(maxInFlight, (tag, result) => this.complete(tag, result), kind === 'io_uring' ? 1 : 0);
   }
 
   /** pwritev(2) through the kernel's AIO; resolves to the bytes written. */
@@ -111,7 +115,7 @@ export class LinuxAio {
     this.pending.delete(tag);
     if (result < 0) {
       const code = errnoName(-result);
-      r.reject(Object.assign(new Error(`Linux AIO ${r.write ? 'write' : 'read'} at ${r.position}: ${code}`), { code, errno: result }));
+      r.reject(Object.assign(new Error(`${this.kind === 'native' ? 'Linux AIO' : 'io_uring'} ${r.write ? 'write' : 'read'} at ${r.position}: ${code}`), { code, errno: result }));
     } else r.resolve(result);
     while (this.waitingHead < this.waiting.length) {
       if (!this.submit(this.waiting[this.waitingHead])) break;

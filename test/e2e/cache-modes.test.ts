@@ -2,7 +2,7 @@
 // QEMU's own `migrate "exec:..."` (pc and q35), the images of all modes are
 // byte-identical and `qemu-img check` clean, and the image restores through
 // `load` and `load --cache=none` into byte-identical guest memory; the same
-// with --aio=native (Linux AIO) on both sides.
+// with --aio=native (Linux AIO) on both sides, and io_uring.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -110,9 +110,10 @@ async function postcopyDirect(image: string, srcDump: string, extraArgs = ''): P
 
 /**
  * --aio=native (Linux AIO): QEMU saves through `save -n --aio=native`, the
- * image is byte-identical to the same stream saved with --aio=threads and
- * qemu-img check clean, and `load -n --aio=native` restores identical memory
- * (precopy; and postcopy's urgent lane on pc).
+ * image is byte-identical to the same stream saved with --aio=threads (and
+ * io_uring) and qemu-img check clean, and `load -n --aio=native` (and
+ * io_uring) restores identical memory (precopy; and postcopy's urgent lane
+ * on pc).
  */
 async function aioNative(machine: Machine): Promise<void> {
   const srcDump = path.join(dir, `${machine}.aio.src.mem`);
@@ -130,14 +131,14 @@ async function aioNative(machine: Machine): Promise<void> {
   }
   qemuImgCheck(image);
   const want = fs.readFileSync(image);
-  for (const args of [['-n', '--aio=threads'], ['--cache=directsync', '--aio=native', '--max-in-flight', '1'], ['--cache=writeback']]) {
+  for (const args of [['-n', '--aio=threads'], ['--cache=directsync', '--aio=native', '--max-in-flight', '1'], ['--cache=writeback'], ['-n', '--aio=io_uring']]) {
     const again = path.join(dir, `${machine}-aio-again.qcow2`);
     const r = await runCli(['save', '-q', '-f', ...args, '-i', stream, again]);
     assert.is(r.code, 0, r.stderr);
     assert.ok(want.equals(fs.readFileSync(again)), `the --aio=native image equals the stream saved again with ${args.join(' ')}`);
     fs.unlinkSync(again);
   }
-  for (const args of ['-n --aio=native --max-in-flight 4', '--cache=directsync --aio=native --max-in-flight 1']) {
+  for (const args of ['-n --aio=native --max-in-flight 4', '--cache=directsync --aio=native --max-in-flight 1', '-n --aio=io_uring --max-in-flight 3']) {
     const dump = path.join(dir, `${machine}.aio.mem`);
     await restore(machine, image, args, dump);
     assert.is(memoryDifference(srcDump, dump, false), null, `load ${args}: destination memory equals the source`);

@@ -3,7 +3,7 @@
 // metadata and VM state stay buffered, --max-in-flight as the number of
 // direct writes really outstanding, segment writes inside the ring, the
 // refusal of a file system without O_DIRECT, every mode writing the same
-// bytes, and --aio=native (Linux AIO) counted in the kernel. Needs the native module and a temporary directory that does O_DIRECT.
+// bytes, and --aio=native (Linux AIO) and io_uring counted in the kernel. Needs the native module and a temporary directory that does O_DIRECT.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -26,6 +26,14 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-cache-'));
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 const CLI = path.resolve(__dirname, '..', '..', 'cli', 'qemu-snap.js');
 const mod = native();
+/** io_uring_disabled: 0 allows everyone, 1 root and io_uring_group, 2 no one; absent before Linux 6.6. */
+const ioUringAllowed = (() => {
+  try {
+    return fs.readFileSync('/proc/sys/kernel/io_uring_disabled', 'utf8').trim() !== '2';
+  } catch {
+    return true;
+  }
+})();
 
 function bytes(seed: number, n: number): Buffer {
   const r = prng(seed);
@@ -47,23 +55,27 @@ test('cache modes have QEMU meanings; --aio native and io_uring say what is miss
   assert.equal(cachePolicy('unsafe'), { mode: 'unsafe', direct: false, dsync: false, flush: false });
   assert.equal(cachePolicy(), { mode: 'writeback', direct: false, dsync: false, flush: true });
   checkAioMode('threads');
-  assert.throws(() => checkAioMode('io_uring', cachePolicy('none'), 'save'), /^save --aio=io_uring: not built into this qemu-snap \(its native module has no io_uring engine; .*io_uring_disabled.*\); use --aio=native or --aio=threads$/);
-  // As QEMU: aio=native needs cache.direct=on.
+  // As QEMU: aio=native needs cache.direct=on. qemu-snap uses io_uring for O_DIRECT only.
   for (const mode of ['writeback', 'writethrough', 'unsafe'] as const) {
     assert.throws(() => checkAioMode('native', cachePolicy(mode), 'load'), new RegExp(`^load --aio=native: needs --cache=none or --cache=directsync \\(.*cache.direct=on\\), not --cache=${mode}$`));
+    assert.throws(() => checkAioMode('io_uring', cachePolicy(mode), 'save'), new RegExp(`^save --aio=io_uring: needs --cache=none or --cache=directsync \\(qemu-snap uses io_uring for its O_DIRECT I/O only\\), not --cache=${mode}$`));
   }
   if (mod) {
-    checkAioMode('native', cachePolicy('none'), 'save');
-    checkAioMode('native', cachePolicy('directsync'), 'save');
+    for (const aio of ['native', 'io_uring'] as const) {
+      if (aio === 'io_uring' && !ioUringAllowed) continue;
+      checkAioMode(aio, cachePolicy('none'), 'save');
+      checkAioMode(aio, cachePolicy('directsync'), 'save');
+    }
   }
 });
 
-test('Linux AIO: at most maxInFlight requests in the kernel, the rest queued in order; results, short reads at the end, errors', async () => {
+for (const kind of ['native', 'io_uring'] as const) test(`--aio=${kind} engine: at most maxInFlight requests in the kernel, the rest queued in order; results, short reads at the end, errors`, async () => {
   if (!mod) return console.log('  (skipped: no native module)');
-  const file = path.join(dir, 'aio.bin');
+  if (kind === 'io_uring' && !ioUringAllowed) return console.log('  (skipped: io_uring disabled by the kernel)');
+  const file = path.join(dir, `aio-${kind}.bin`);
   fs.writeFileSync(file, '');
   const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_DIRECT);
-  const aio = new LinuxAio(mod, 4);
+  const aio = new LinuxAio(mod, 4, kind);
   try {
     const alloc = alignedAllocator(4096);
     const want = Buffer.alloc(32 * 65536);
@@ -90,7 +102,7 @@ test('Linux AIO: at most maxInFlight requests in the kernel, the rest queued in 
     aio.destroy();
   }
   // Closed with requests in the kernel and queued: it waits for the first, fails them all, and stays closed.
-  const early = new LinuxAio(mod, 2);
+  const early = new LinuxAio(mod, 2, kind);
   const buf = alignedAllocator(4096)(1 << 20);
   const outcomes = [0, 1, 2, 3, 4].map((i) => early.pwritev(fd, [buf], i << 20).then(() => 'done', (e: NodeJS.ErrnoException) => String(e.code)));
   early.destroy();
@@ -266,18 +278,19 @@ async function aioPeaks(fn: () => Promise<void>): Promise<LinuxAioStats[]> {
   return seen;
 }
 
-test('--aio=native: --max-in-flight is the number of requests in the kernel at once, save and load', async () => {
+for (const kind of ['native', 'io_uring'] as const) test(`--aio=${kind}: --max-in-flight is the number of requests in the kernel at once, save and load`, async () => {
   if (!mod) return console.log('  (skipped: no native module)');
-  const image = path.join(dir, 'aio-inflight.qcow2');
-  const want = path.join(dir, 'aio-inflight.want');
+  if (kind === 'io_uring' && !ioUringAllowed) return console.log('  (skipped: io_uring disabled by the kernel)');
+  const image = path.join(dir, `aio-inflight-${kind}.qcow2`);
+  const want = path.join(dir, `aio-inflight-${kind}.want`);
   for (const n of [1, 3, 8]) {
-    const saved = await aioPeaks(() => saveSnapshot(Readable.from([scatteredStream()]), image, { cache: 'none', aio: 'native', maxInFlight: n, force: true }).then(() => undefined));
+    const saved = await aioPeaks(() => saveSnapshot(Readable.from([scatteredStream()]), image, { cache: 'none', aio: kind, maxInFlight: n, force: true }).then(() => undefined));
     assert.is(saved.length, 1, 'one engine, for the O_DIRECT descriptor');
     assert.is(saved[0].submitted, 64, 'one request per run, all through Linux AIO');
     assert.ok(saved[0].peak >= 1 && saved[0].peak <= n, `save: at most ${n} in the kernel (peak ${saved[0].peak})`);
     if (n === 1) await loadSnapshot(image, { output: want });
-    const out = path.join(dir, `aio-inflight-${n}.out`);
-    const loaded = await aioPeaks(() => loadSnapshot(image, { output: out, cache: 'none', aio: 'native', maxInFlight: n }).then(() => undefined));
+    const out = path.join(dir, `aio-inflight-${kind}-${n}.out`);
+    const loaded = await aioPeaks(() => loadSnapshot(image, { output: out, cache: 'none', aio: kind, maxInFlight: n }).then(() => undefined));
     assert.is(loaded.length, 1);
     assert.ok(loaded[0].submitted >= 64, `every data read went through Linux AIO (${loaded[0].submitted})`);
     assert.ok(loaded[0].peak >= 1 && loaded[0].peak <= n, `load: at most ${n} in the kernel (peak ${loaded[0].peak})`);
@@ -436,6 +449,7 @@ test('every cache mode, with and without the native module, writes the same imag
   if (mod) {
     runs.push([['--cache=none'], {}], [['--cache=directsync'], {}], [['-n', '--max-in-flight', '1'], {}]);
     runs.push([['-n', '--aio=native'], {}], [['--cache=directsync', '--aio=native', '--max-in-flight', '2'], {}]);
+    if (ioUringAllowed) runs.push([['-n', '--aio=io_uring', '--max-in-flight', '3'], {}]);
   }
   let first: Buffer | null = null;
   let firstStream: Buffer | null = null;
@@ -446,7 +460,8 @@ test('every cache mode, with and without the native module, writes the same imag
     const bytesNow = fs.readFileSync(image);
     if (first === null) first = bytesNow;
     else assert.ok(first.equals(bytesNow), `save ${args.join(' ')} ${JSON.stringify(env)}: the same image`);
-    const loads = mod ? [{}, { cache: 'none' as const, maxInFlight: 3 }, { cache: 'none' as const, aio: 'native' as const, maxInFlight: 5 }] : [{}];
+    const loads: Array<Parameters<typeof loadSnapshot>[1]> = mod ? [{}, { cache: 'none', maxInFlight: 3 }, { cache: 'none', aio: 'native', maxInFlight: 5 }] : [{}];
+    if (mod && ioUringAllowed) loads.push({ cache: 'directsync', aio: 'io_uring', maxInFlight: 2 });
     for (const load of loads) {
       const out = path.join(dir, 'mode.out');
       await loadSnapshot(image, { output: out, ...load });
