@@ -378,8 +378,8 @@ class Bench {
 
   /**
    * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
-   * exec:cat > F, the same && sync F, save, --cache=none (--aio=threads and
-   * native), --cache=unsafe,
+   * exec:cat > F, the same && sync F, save, --cache=none (--aio=threads,
+   * native and io_uring), --cache=unsafe,
    * with QEMU's own mapped-ram file migration when this QEMU has it (≥ 9.0);
    * pipe saves beside their like-for-like cat; cold restores; the image's
    * bytes left in the page cache and the peak RSS of each mode.
@@ -397,6 +397,7 @@ class Bench {
       { name: 'save --cache=none', uri: `exec:${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=unsafe', uri: `exec:${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=none --aio=native', uri: `exec:${snapCmd(`save -q --cache=none --aio=native ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --cache=none --aio=io_uring', uri: `exec:${snapCmd(`save -q --cache=none --aio=io_uring ${q(img)}`, this.statsFile)}`, out: img },
     ];
     if (mappedRam) {
       contenders.push(
@@ -453,6 +454,8 @@ class Bench {
     const aioSave = best('save --cache=none --aio=native');
     const threadsSave = best('save --cache=none');
     this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=native (vs --aio=threads)', aioSave, ms(aioSave), threadsSave, ms(threadsSave)));
+    const uringSave = best('save --cache=none --aio=io_uring');
+    this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=io_uring (vs --aio=threads)', uringSave, ms(uringSave), threadsSave, ms(threadsSave)));
     const dataGiB = this.cfg.dataMiB / 1024;
     for (const c of contenders) {
       const bytes = cachedBytes.get(c.name) ?? -1;
@@ -474,6 +477,7 @@ class Bench {
         ['save --cache=none', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, img],
         ['save --cache=unsafe', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, img],
         ['save --cache=none --aio=native', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none --aio=native ${q(img)}`, this.statsFile)}`, img],
+        ['save --cache=none --aio=io_uring', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none --aio=io_uring ${q(img)}`, this.statsFile)}`, img],
       ] as const) {
         rmQuiet(out);
         execFileSync('sync');
@@ -488,6 +492,7 @@ class Bench {
     this.rows.push(ratioRow('pipe: save --cache=none (vs `cat > F && sync F`)', pb('save --cache=none'), ms(pb('save --cache=none')), pb('cat > F && sync F'), ms(pb('cat > F && sync F'))));
     this.rows.push(ratioRow('pipe: save --cache=unsafe (vs `cat > F`)', pb('save --cache=unsafe'), ms(pb('save --cache=unsafe')), pb('cat > F'), ms(pb('cat > F')), { max: 1.1 }));
     this.rows.push(ratioRow('pipe: save --cache=none --aio=native (vs --aio=threads)', pb('save --cache=none --aio=native'), ms(pb('save --cache=none --aio=native')), pb('save --cache=none'), ms(pb('save --cache=none'))));
+    this.rows.push(ratioRow('pipe: save --cache=none --aio=io_uring (vs --aio=threads)', pb('save --cache=none --aio=io_uring'), ms(pb('save --cache=none --aio=io_uring')), pb('save --cache=none'), ms(pb('save --cache=none'))));
 
     // Cold restores: page cache dropped before each.
     if (!this.dropCaches()) {
@@ -500,6 +505,7 @@ class Bench {
       ['load', `exec:${snapCmd(`load ${q(saved)}`, this.statsFile)}`],
       ['load --cache=none', `exec:${snapCmd(`load --cache=none ${q(saved)}`, this.statsFile)}`],
       ['load --cache=none --aio=native', `exec:${snapCmd(`load --cache=none --aio=native ${q(saved)}`, this.statsFile)}`],
+      ['load --cache=none --aio=io_uring', `exec:${snapCmd(`load --cache=none --aio=io_uring ${q(saved)}`, this.statsFile)}`],
     ];
     if (mappedRam) {
       coldRuns.push(['mapped-ram, multifd 2', `file:${mappedFile}`, { 'mapped-ram': true, multifd: true }, { 'multifd-channels': 2 }]);
@@ -532,6 +538,8 @@ class Bench {
     }
     const aioCold = cb('load --cache=none --aio=native');
     this.rows.push(ratioRow('cold restore: load --cache=none --aio=native (vs --aio=threads)', aioCold, ms(aioCold), cb('load --cache=none'), ms(cb('load --cache=none'))));
+    const uringCold = cb('load --cache=none --aio=io_uring');
+    this.rows.push(ratioRow('cold restore: load --cache=none --aio=io_uring (vs --aio=threads)', uringCold, ms(uringCold), cb('load --cache=none'), ms(cb('load --cache=none'))));
     for (const [name, kib] of rss) {
       if (name.startsWith('pipe') || name.startsWith('restore')) {
         this.rows.push({ what: `peak RSS of ${name}`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 128 MiB', met: kib <= 128 * 1024 });
