@@ -93,7 +93,7 @@ function ioUringKernelState(): { disabled: boolean; text: string } {
   return { disabled: true, text: `the kernel disables io_uring (/proc/sys/kernel/io_uring_disabled is ${v})` };
 }
 
-/** The I/O engine a DirectFile uses: Node's thread pool, or Linux AIO with this many requests in the kernel at most. */
+/** The I/O engine a DirectFile uses: Node's thread pool, or Linux AIO or io_uring with this many requests in the kernel at most. */
 export interface DirectEngine {
   aio: AioMode;
   maxInFlight: number;
@@ -162,7 +162,8 @@ function readAsync(fd: number, out: Buffer, at: number, length: number, position
 /**
  * A file open with O_DIRECT. Writes and reads whose offset, length and
  * memory are aligned go straight to the thread pool, or to Linux AIO or
- * io_uring with --aio (one pwritev/pread each); any other is done through an aligned bounce buffer, a partial
+ * io_uring with --aio (one pwritev/pread each); any other is done through
+ * an aligned bounce buffer, a partial
  * sector at either end read, patched and written back synchronously on
  * this thread so that no other write can slip in between (a partial sector
  * is only ever shared with another unaligned write: an aligned write that

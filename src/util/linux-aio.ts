@@ -8,6 +8,7 @@
 // beyond it wait here, first come first served, and go as earlier ones
 // complete. Completions arrive on the main loop (an eventfd that libuv
 // polls), one callback each.
+import { constants as osConstants } from 'node:os';
 import type { NativeModule } from './native';
 
 /** Native engine handle (opaque). */
@@ -37,9 +38,11 @@ export interface LinuxAioStats {
   queued: number;
 }
 
+/** errno number → name (EIO, ENOSPC...), as Node's own errors carry it in `code`. */
+const ERRNO_NAMES = new Map<number, string>(Object.entries(osConstants.errno).map(([name, n]) => [n, name]));
+
 function errnoName(errno: number): string {
-  const names: Record<number, string> = { 5: 'EIO', 9: 'EBADF', 12: 'ENOMEM', 14: 'EFAULT', 22: 'EINVAL', 27: 'EFBIG', 28: 'ENOSPC', 122: 'EDQUOT' };
-  return names[errno] ?? `errno ${errno}`;
+  return ERRNO_NAMES.get(errno) ?? `errno ${errno}`;
 }
 
 export class LinuxAio {
@@ -53,6 +56,11 @@ export class LinuxAio {
   constructor(private readonly mod: NativeModule, readonly maxInFlight: number, readonly kind: KernelAioKind = 'native') {
     if (!mod.aioCreate) throw new Error('the native module has no Linux AIO or io_uring engine (rebuild it: npm run build:native)');
     this.handle = mod.aioCreate(maxInFlight, (tag, result) => this.complete(tag, result), kind === 'io_uring' ? 1 : 0);
+  }
+
+  /** For messages. */
+  get name(): string {
+    return this.kind === 'native' ? 'Linux AIO' : 'io_uring';
   }
 
   /** pwritev(2) through the kernel's AIO; resolves to the bytes written. */
@@ -78,7 +86,7 @@ export class LinuxAio {
     if (this.destroyed) return;
     this.destroyed = true;
     (this.mod.aioDestroy as NonNullable<NativeModule['aioDestroy']>)(this.handle);
-    const err = Object.assign(new Error('Linux AIO engine closed'), { code: 'ECANCELED' });
+    const err = Object.assign(new Error(`${this.name} engine closed`), { code: 'ECANCELED' });
     for (const r of this.pending.values()) r.reject(err);
     this.pending.clear();
     for (let i = this.waitingHead; i < this.waiting.length; i++) this.waiting[i].reject(err);
@@ -88,7 +96,7 @@ export class LinuxAio {
 
   private enqueue(write: boolean, fd: number, buffers: Buffer[], position: number): Promise<number> {
     return new Promise<number>((resolve, reject) => {
-      if (this.destroyed) return reject(Object.assign(new Error('Linux AIO engine closed'), { code: 'EBADF' }));
+      if (this.destroyed) return reject(Object.assign(new Error(`${this.name} engine closed`), { code: 'EBADF' }));
       const r: AioRequest = { write, fd, position, buffers, resolve, reject };
       // First come first served: nothing overtakes a request already waiting.
       if (this.waitingHead < this.waiting.length || !this.submit(r)) this.waiting.push(r);
@@ -115,7 +123,7 @@ export class LinuxAio {
     this.pending.delete(tag);
     if (result < 0) {
       const code = errnoName(-result);
-      r.reject(Object.assign(new Error(`${this.kind === 'native' ? 'Linux AIO' : 'io_uring'} ${r.write ? 'write' : 'read'} at ${r.position}: ${code}`), { code, errno: result }));
+      r.reject(Object.assign(new Error(`${this.name} ${r.write ? 'write' : 'read'} at ${r.position}: ${code}`), { code, errno: result }));
     } else r.resolve(result);
     while (this.waitingHead < this.waiting.length) {
       if (!this.submit(this.waiting[this.waitingHead])) break;
