@@ -378,7 +378,8 @@ class Bench {
 
   /**
    * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
-   * exec:cat > F, the same && sync F, save, --cache=none, --cache=unsafe,
+   * exec:cat > F, the same && sync F, save, --cache=none (--aio=threads,
+   * native and io_uring), --cache=unsafe,
    * with QEMU's own mapped-ram file migration when this QEMU has it (≥ 9.0);
    * pipe saves beside their like-for-like cat; cold restores; the image's
    * bytes left in the page cache and the peak RSS of each mode.
@@ -395,6 +396,8 @@ class Bench {
       { name: 'save (writeback)', uri: `exec:${snapCmd(`save -q ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=none', uri: `exec:${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=unsafe', uri: `exec:${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --cache=none --aio=native', uri: `exec:${snapCmd(`save -q --cache=none --aio=native ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --cache=none --aio=io_uring', uri: `exec:${snapCmd(`save -q --cache=none --aio=io_uring ${q(img)}`, this.statsFile)}`, out: img },
     ];
     if (mappedRam) {
       contenders.push(
@@ -445,11 +448,18 @@ class Bench {
       const peer = best('`file:F` mapped-ram, multifd 2, direct-io');
       const none = best('save --cache=none');
       this.rows.push(ratioRow('QEMU save, total-time: save --cache=none (vs mapped-ram + multifd 2 + direct-io)', none, ms(none), peer, ms(peer), { max: 1.2 }));
+      const aio = best('save --cache=none --aio=native');
+      this.rows.push(ratioRow('QEMU save, total-time: save --cache=none --aio=native (vs mapped-ram + multifd 2 + direct-io)', aio, ms(aio), peer, ms(peer), { max: 1.2 }));
     }
+    const aioSave = best('save --cache=none --aio=native');
+    const threadsSave = best('save --cache=none');
+    this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=native (vs --aio=threads)', aioSave, ms(aioSave), threadsSave, ms(threadsSave)));
+    const uringSave = best('save --cache=none --aio=io_uring');
+    this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=io_uring (vs --aio=threads)', uringSave, ms(uringSave), threadsSave, ms(threadsSave)));
     const dataGiB = this.cfg.dataMiB / 1024;
     for (const c of contenders) {
       const bytes = cachedBytes.get(c.name) ?? -1;
-      const limit = c.name === 'save --cache=none' ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
+      const limit = c.name.startsWith('save --cache=none') ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
       this.rows.push({ what: `page cache left by ${c.name}`, ours: bytes < 0 ? 'n/a (no fincore)' : mib(bytes), versus: '', ratio: null, ...limit });
     }
     for (const [name, kib] of rss) {
@@ -466,6 +476,8 @@ class Bench {
         ['save', `cat ${q(this.stream)} | ${snapCmd(`save -q ${q(img)}`, this.statsFile)}`, img],
         ['save --cache=none', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none ${q(img)}`, this.statsFile)}`, img],
         ['save --cache=unsafe', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, img],
+        ['save --cache=none --aio=native', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none --aio=native ${q(img)}`, this.statsFile)}`, img],
+        ['save --cache=none --aio=io_uring', `cat ${q(this.stream)} | ${snapCmd(`save -q --cache=none --aio=io_uring ${q(img)}`, this.statsFile)}`, img],
       ] as const) {
         rmQuiet(out);
         execFileSync('sync');
@@ -479,6 +491,8 @@ class Bench {
     this.rows.push(ratioRow('pipe: save (vs `cat > F && sync F`)', pb('save'), ms(pb('save')), pb('cat > F && sync F'), ms(pb('cat > F && sync F')), { max: 1.0 }));
     this.rows.push(ratioRow('pipe: save --cache=none (vs `cat > F && sync F`)', pb('save --cache=none'), ms(pb('save --cache=none')), pb('cat > F && sync F'), ms(pb('cat > F && sync F'))));
     this.rows.push(ratioRow('pipe: save --cache=unsafe (vs `cat > F`)', pb('save --cache=unsafe'), ms(pb('save --cache=unsafe')), pb('cat > F'), ms(pb('cat > F')), { max: 1.1 }));
+    this.rows.push(ratioRow('pipe: save --cache=none --aio=native (vs --aio=threads)', pb('save --cache=none --aio=native'), ms(pb('save --cache=none --aio=native')), pb('save --cache=none'), ms(pb('save --cache=none'))));
+    this.rows.push(ratioRow('pipe: save --cache=none --aio=io_uring (vs --aio=threads)', pb('save --cache=none --aio=io_uring'), ms(pb('save --cache=none --aio=io_uring')), pb('save --cache=none'), ms(pb('save --cache=none'))));
 
     // Cold restores: page cache dropped before each.
     if (!this.dropCaches()) {
@@ -490,6 +504,8 @@ class Bench {
       ['`-incoming exec:cat STREAM`', `exec:cat ${q(this.stream)}`],
       ['load', `exec:${snapCmd(`load ${q(saved)}`, this.statsFile)}`],
       ['load --cache=none', `exec:${snapCmd(`load --cache=none ${q(saved)}`, this.statsFile)}`],
+      ['load --cache=none --aio=native', `exec:${snapCmd(`load --cache=none --aio=native ${q(saved)}`, this.statsFile)}`],
+      ['load --cache=none --aio=io_uring', `exec:${snapCmd(`load --cache=none --aio=io_uring ${q(saved)}`, this.statsFile)}`],
     ];
     if (mappedRam) {
       coldRuns.push(['mapped-ram, multifd 2', `file:${mappedFile}`, { 'mapped-ram': true, multifd: true }, { 'multifd-channels': 2 }]);
@@ -520,6 +536,10 @@ class Bench {
     for (const [k] of coldRuns.slice(1)) {
       this.rows.push(ratioRow(`cold restore: ${k} (vs \`-incoming exec:cat STREAM\`)`, cb(k), ms(cb(k)), catCold, ms(catCold), k.startsWith('load') ? { max: 0.8 } : undefined));
     }
+    const aioCold = cb('load --cache=none --aio=native');
+    this.rows.push(ratioRow('cold restore: load --cache=none --aio=native (vs --aio=threads)', aioCold, ms(aioCold), cb('load --cache=none'), ms(cb('load --cache=none'))));
+    const uringCold = cb('load --cache=none --aio=io_uring');
+    this.rows.push(ratioRow('cold restore: load --cache=none --aio=io_uring (vs --aio=threads)', uringCold, ms(uringCold), cb('load --cache=none'), ms(cb('load --cache=none'))));
     for (const [name, kib] of rss) {
       if (name.startsWith('pipe') || name.startsWith('restore')) {
         this.rows.push({ what: `peak RSS of ${name}`, ours: `${(kib / 1024).toFixed(0)} MiB`, versus: '', ratio: null, target: '≤ 128 MiB', met: kib <= 128 * 1024 });

@@ -96,7 +96,9 @@ const USAGE = `usage:
                               directsync, unsafe (QEMU's meanings; none and directsync
                               bypass the page cache with O_DIRECT, unsafe never fsyncs)
       -n, --nocache           --cache=none
-      --aio=MODE              I/O engine: threads (default; native and io_uring are not built in)
+      --aio=MODE              I/O engine of the O_DIRECT writes: threads (default), native
+                              (Linux AIO) or io_uring, N requests in the kernel; native and
+                              io_uring need --cache=none or directsync (as QEMU's aio=native)
   qemu-snap load [options] IMAGE     snapshot IMAGE → migration stream on stdout
       -o, --output FILE       write the stream to FILE instead of stdout
       -S, --page-size SIZE    refuse an image whose page size differs

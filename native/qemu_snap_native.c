@@ -7,6 +7,9 @@
 //   a buffer with pread(2) first.
 // - writeSegments: one writev(2) of many (buffer, offset, length) pieces,
 //   described in a typed array so that no JS object is made per piece.
+// - aio*: Linux AIO (--aio=native) and io_uring (--aio=io_uring) for O_DIRECT
+//   reads and writes, with the raw system calls (no libaio, no liburing),
+//   completions signalled on an eventfd that libuv polls on the main loop.
 // - xxh64: XXH64 (seed 0) over memory Node already holds, without copying it
 //   into WebAssembly memory first; incremental, its state in a caller's buffer.
 //
@@ -18,11 +21,17 @@
 #include <fcntl.h>
 #include <node_api.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/aio_abi.h>
 #include <linux/fs.h>
+#include <linux/io_uring.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <uv.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -740,6 +749,457 @@ static napi_value dio_align(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// ---- asynchronous I/O engines: Linux AIO (--aio=native) and io_uring ----
+// The kernel's own asynchronous I/O, as QEMU's aio=native and aio=io_uring
+// use it, for O_DIRECT files (Linux AIO is only asynchronous for those).
+// Requests are submitted straight from the main thread, with the raw system
+// calls (no libaio, no liburing: glibc has no wrappers). Each completion
+// signals an eventfd (IOCB_FLAG_RESFD; IORING_REGISTER_EVENTFD) that libuv
+// polls on the main loop; the poll callback reaps what is done without
+// blocking and calls the JS completion function once per request with
+// (tag, result): bytes done, or -errno.
+// At most `max` requests are in the kernel (submitted and not yet reaped):
+// aioSubmit refuses (returns false) beyond that, and JS queues.
+
+enum { ENGINE_LINUX_AIO = 0, ENGINE_IO_URING = 1 };
+
+typedef struct AioRequest AioRequest;
+
+typedef struct {
+  uint32_t *head, *tail, *array;
+  uint32_t mask;
+  struct io_uring_sqe *sqes;
+  uint32_t *cq_head, *cq_tail;
+  uint32_t cq_mask;
+  struct io_uring_cqe *cqes;
+  void *sq_map, *cq_map;
+  size_t sq_map_len, cq_map_len, sqes_len;
+} Uring;
+
+typedef struct {
+  int kind;
+  aio_context_t ctx;  // Linux AIO
+  int ring_fd;        // io_uring
+  Uring ring;
+  int efd;
+  uv_poll_t poll;
+  napi_env env;
+  napi_ref callback;
+  napi_async_context async;
+  uint32_t max;
+  uint32_t inflight;
+  uint32_t peak;
+  uint64_t submitted;
+  int polling;
+  int closed;
+  // Freed once libuv has closed the poll handle and the JS handle is
+  // collected, whichever comes last.
+  int handle_closed;
+  int finalized;
+  // Requests in the kernel, so that those a close waits for are freed too.
+  AioRequest *live;
+} AioEngine;
+
+struct AioRequest {
+  AioRequest *prev, *next;
+  double tag;
+  struct iocb cb;
+  struct iovec iov[];
+};
+
+static void aio_unlink(AioEngine *e, AioRequest *r) {
+  if (r->prev) r->prev->next = r->next;
+  else e->live = r->next;
+  if (r->next) r->next->prev = r->prev;
+  free(r);
+}
+
+static long sys_io_setup(unsigned nr, aio_context_t *ctx) { return syscall(__NR_io_setup, nr, ctx); }
+static long sys_io_destroy(aio_context_t ctx) { return syscall(__NR_io_destroy, ctx); }
+static long sys_io_submit(aio_context_t ctx, long n, struct iocb **cbs) { return syscall(__NR_io_submit, ctx, n, cbs); }
+static long sys_io_getevents(aio_context_t ctx, long min, long max, struct io_event *ev, struct timespec *ts) {
+  return syscall(__NR_io_getevents, ctx, min, max, ev, ts);
+}
+static long sys_uring_setup(unsigned entries, struct io_uring_params *p) { return syscall(__NR_io_uring_setup, entries, p); }
+static long sys_uring_enter(int fd, unsigned submit, unsigned min, unsigned flags) {
+  return syscall(__NR_io_uring_enter, fd, submit, min, flags, NULL, 0);
+}
+static long sys_uring_register(int fd, unsigned op, void *arg, unsigned n) { return syscall(__NR_io_uring_register, fd, op, arg, n); }
+
+static void uring_unmap(AioEngine *e) {
+  Uring *q = &e->ring;
+  if (q->sqes) munmap(q->sqes, q->sqes_len);
+  if (q->cq_map && q->cq_map != q->sq_map) munmap(q->cq_map, q->cq_map_len);
+  if (q->sq_map) munmap(q->sq_map, q->sq_map_len);
+  q->sqes = NULL;
+  q->sq_map = q->cq_map = NULL;
+}
+
+// io_uring_setup and the three shared mappings (one when the kernel has
+// IORING_FEAT_SINGLE_MMAP); 0 or an errno.
+static int uring_open(AioEngine *e, unsigned entries) {
+  struct io_uring_params p;
+  memset(&p, 0, sizeof p);
+  long fd = sys_uring_setup(entries, &p);
+  if (fd < 0) return errno;
+  e->ring_fd = (int)fd;
+  Uring *q = &e->ring;
+  q->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+  q->cq_map_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+  if (single && q->cq_map_len > q->sq_map_len) q->sq_map_len = q->cq_map_len;
+  q->sq_map = mmap(NULL, q->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, e->ring_fd, IORING_OFF_SQ_RING);
+  if (q->sq_map == MAP_FAILED) {
+    q->sq_map = NULL;
+    return errno;
+  }
+  if (single) q->cq_map = q->sq_map;
+  else {
+    q->cq_map = mmap(NULL, q->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, e->ring_fd, IORING_OFF_CQ_RING);
+    if (q->cq_map == MAP_FAILED) {
+      q->cq_map = NULL;
+      return errno;
+    }
+  }
+  q->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+  q->sqes = mmap(NULL, q->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, e->ring_fd, IORING_OFF_SQES);
+  if (q->sqes == MAP_FAILED) {
+    q->sqes = NULL;
+    return errno;
+  }
+  char *sq = q->sq_map, *cq = q->cq_map;
+  q->head = (uint32_t *)(sq + p.sq_off.head);
+  q->tail = (uint32_t *)(sq + p.sq_off.tail);
+  q->mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
+  q->array = (uint32_t *)(sq + p.sq_off.array);
+  q->cq_head = (uint32_t *)(cq + p.cq_off.head);
+  q->cq_tail = (uint32_t *)(cq + p.cq_off.tail);
+  q->cq_mask = *(uint32_t *)(cq + p.cq_off.ring_mask);
+  q->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+  // max <= sq_entries, and the CQ ring is twice that: it cannot overflow.
+  if (p.sq_entries < entries) return EINVAL;
+  int32_t efd = e->efd;
+  if (sys_uring_register(e->ring_fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0) return errno;
+  return 0;
+}
+
+// One completion from either engine: up to `room` (request, result) pairs, never blocking.
+typedef struct {
+  AioRequest *r;
+  int64_t res;
+} Done;
+
+static long reap(AioEngine *e, Done *out, long room) {
+  if (e->kind == ENGINE_LINUX_AIO) {
+    struct io_event ev[64];
+    if (room > 64) room = 64;
+    struct timespec zero = {0, 0};
+    long n;
+    do n = sys_io_getevents(e->ctx, 0, room, ev, &zero);
+    while (n < 0 && errno == EINTR);
+    for (long i = 0; i < n; i++) {
+      // obj is the iocb's address, inside its request.
+      out[i].r = (AioRequest *)((char *)(uintptr_t)ev[i].obj - offsetof(AioRequest, cb));
+      out[i].res = ev[i].res;
+    }
+    return n < 0 ? 0 : n;
+  }
+  Uring *q = &e->ring;
+  uint32_t head = *q->cq_head;
+  uint32_t tail = __atomic_load_n(q->cq_tail, __ATOMIC_ACQUIRE);
+  long n = 0;
+  while (head != tail && n < room) {
+    struct io_uring_cqe *c = &q->cqes[head & q->cq_mask];
+    out[n].r = (AioRequest *)(uintptr_t)c->user_data;
+    out[n].res = c->res;
+    n++;
+    head++;
+  }
+  __atomic_store_n(q->cq_head, head, __ATOMIC_RELEASE);
+  return n;
+}
+
+// Waits for every request still in the kernel (their memory is then ours
+// again) and frees them: io_destroy does it for Linux AIO; for io_uring,
+// whose close would not wait, io_uring_enter(GETEVENTS) until none is left.
+static void drain_and_release(AioEngine *e) {
+  if (e->kind == ENGINE_LINUX_AIO) {
+    if (e->ctx) sys_io_destroy(e->ctx);
+    e->ctx = 0;
+  } else if (e->ring_fd >= 0) {
+    Done done[64];
+    while (e->inflight > 0 && e->ring.cqes) {
+      long n = reap(e, done, 64);
+      for (long i = 0; i < n; i++) {
+        aio_unlink(e, done[i].r);
+        e->inflight--;
+      }
+      if (n == 0 && sys_uring_enter(e->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) break;
+    }
+    uring_unmap(e);
+    close(e->ring_fd);
+    e->ring_fd = -1;
+  }
+  // Their events are gone (io_destroy) or reaped above.
+  while (e->live) aio_unlink(e, e->live);
+  e->inflight = 0;
+}
+
+static void aio_handle_closed(uv_handle_t *h) {
+  AioEngine *e = h->data;
+  e->handle_closed = 1;
+  if (e->finalized) free(e);
+}
+
+static void aio_close_engine(AioEngine *e) {
+  if (e->closed) return;
+  e->closed = 1;
+  drain_and_release(e);
+  if (e->callback) napi_delete_reference(e->env, e->callback);
+  e->callback = NULL;
+  if (e->async) napi_async_destroy(e->env, e->async);
+  e->async = NULL;
+  if (e->polling) uv_poll_stop(&e->poll);
+  e->polling = 0;
+  close(e->efd);
+  e->efd = -1;
+  uv_close((uv_handle_t *)&e->poll, aio_handle_closed);
+}
+
+static void aio_on_ready(uv_poll_t *handle, int status, int events) {
+  AioEngine *e = handle->data;
+  if (e->closed) return;
+  uint64_t count;
+  // Non-blocking: EAGAIN when another round already reaped everything.
+  if (read(e->efd, &count, sizeof count) < 0 && errno != EAGAIN) return;
+  napi_env env = e->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value resource, fn;
+  napi_callback_scope cscope = NULL;
+  if (napi_create_object(env, &resource) == napi_ok) napi_open_callback_scope(env, resource, e->async, &cscope);
+  Done done[64];
+  for (;;) {
+    if (e->closed || e->inflight == 0) break;
+    long n = reap(e, done, 64);
+    if (n <= 0) break;
+    for (long i = 0; i < n && !e->closed; i++) {
+      double tag = done[i].r->tag;
+      aio_unlink(e, done[i].r);
+      e->inflight--;
+      if (e->callback == NULL || napi_get_reference_value(env, e->callback, &fn) != napi_ok) continue;
+      napi_value argv[2], global, ignored;
+      napi_get_global(env, &global);
+      napi_create_double(env, tag, &argv[0]);
+      napi_create_double(env, (double)done[i].res, &argv[1]);
+      if (napi_call_function(env, global, fn, 2, argv, &ignored) == napi_pending_exception) {
+        napi_value err;
+        napi_get_and_clear_last_exception(env, &err);
+        napi_fatal_exception(env, err);
+      }
+    }
+    if (n < 64) break;
+  }
+  if (!e->closed && e->inflight == 0 && e->polling) {
+    // Nothing outstanding: the loop may exit.
+    uv_poll_stop(&e->poll);
+    e->polling = 0;
+  }
+  if (cscope) napi_close_callback_scope(env, cscope);
+  napi_close_handle_scope(env, scope);
+}
+
+static void aio_finalize(napi_env env, void *data, void *hint) {
+  AioEngine *e = data;
+  aio_close_engine(e);
+  e->finalized = 1;
+  if (e->handle_closed) free(e);
+}
+
+static AioEngine *engine_arg(napi_env env, napi_value v) {
+  void *p = NULL;
+  if (napi_get_value_external(env, v, &p) != napi_ok) return NULL;
+  return p;
+}
+
+// aioCreate(maxInFlight, onComplete(tag, result), kind = 0) -> engine handle;
+// kind 0 is Linux AIO, 1 io_uring.
+static napi_value aio_create(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t max, kind = ENGINE_LINUX_AIO;
+  napi_valuetype t;
+  if (argc < 2 || !get_i64(env, argv[0], &max) || max < 1 || max > 4096) CHECK(napi_invalid_arg);
+  if (argc >= 3 && (!get_i64(env, argv[2], &kind) || (kind != ENGINE_LINUX_AIO && kind != ENGINE_IO_URING))) CHECK(napi_invalid_arg);
+  CHECK(napi_typeof(env, argv[1], &t));
+  if (t != napi_function) CHECK(napi_invalid_arg);
+  uv_loop_t *loop;
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  AioEngine *e = calloc(1, sizeof *e);
+  if (!e) return throw_errno(env, "aioCreate", ENOMEM);
+  e->env = env;
+  e->kind = (int)kind;
+  e->ring_fd = -1;
+  e->max = (uint32_t)max;
+  e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (e->efd < 0) {
+    int err = errno;
+    free(e);
+    return throw_errno(env, "eventfd", err);
+  }
+  int err = 0;
+  const char *what = "io_setup";
+  if (kind == ENGINE_LINUX_AIO) {
+    if (sys_io_setup((unsigned)max, &e->ctx) < 0) err = errno;
+  } else {
+    what = "io_uring_setup";
+    err = uring_open(e, (unsigned)max);
+  }
+  int r = err ? 0 : uv_poll_init(loop, &e->poll, e->efd);
+  if (err || r != 0) {
+    drain_and_release(e);
+    close(e->efd);
+    free(e);
+    return err ? throw_errno(env, what, err) : throw_errno(env, "uv_poll_init", -r);
+  }
+  e->poll.data = e;
+  napi_value name, handle;
+  CHECK(napi_create_string_utf8(env, kind == ENGINE_LINUX_AIO ? "qemu-snap:linux-aio" : "qemu-snap:io_uring", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_async_init(env, NULL, name, &e->async));
+  CHECK(napi_create_reference(env, argv[1], 1, &e->callback));
+  CHECK(napi_create_external(env, e, aio_finalize, NULL, &handle));
+  return handle;
+}
+
+// Hands one request to the kernel: 0 or an errno (the request is then not in it).
+static int submit_one(AioEngine *e, AioRequest *r, int write, int fd, int64_t position, uint32_t nbuf) {
+  if (e->kind == ENGINE_LINUX_AIO) {
+    r->cb.aio_lio_opcode = write ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+    r->cb.aio_fildes = (uint32_t)fd;
+    r->cb.aio_buf = (uint64_t)(uintptr_t)r->iov;
+    r->cb.aio_nbytes = nbuf;
+    r->cb.aio_offset = position;
+    r->cb.aio_flags = IOCB_FLAG_RESFD;
+    r->cb.aio_resfd = (uint32_t)e->efd;
+    struct iocb *list[1] = {&r->cb};
+    long n;
+    do n = sys_io_submit(e->ctx, 1, list);
+    while (n < 0 && errno == EINTR);
+    return n == 1 ? 0 : n < 0 ? errno : EAGAIN;
+  }
+  Uring *q = &e->ring;
+  // The only producer: no other thread moves the tail. At most max
+  // (<= sq_entries) requests are in the kernel, so a slot is free.
+  uint32_t tail = *q->tail;
+  uint32_t idx = tail & q->mask;
+  struct io_uring_sqe *s = &q->sqes[idx];
+  memset(s, 0, sizeof *s);
+  s->opcode = write ? IORING_OP_WRITEV : IORING_OP_READV;
+  s->fd = fd;
+  s->addr = (uint64_t)(uintptr_t)r->iov;
+  s->len = nbuf;
+  s->off = (uint64_t)position;
+  s->user_data = (uint64_t)(uintptr_t)r;
+  q->array[idx] = idx;
+  __atomic_store_n(q->tail, tail + 1, __ATOMIC_RELEASE);
+  long n;
+  do n = sys_uring_enter(e->ring_fd, 1, 0, 0);
+  while (n < 0 && errno == EINTR);
+  if (n == 1) return 0;
+  int err = n < 0 ? errno : EAGAIN;
+  // Not consumed (no SQ polling thread here): take it back.
+  if (__atomic_load_n(q->head, __ATOMIC_ACQUIRE) == tail) __atomic_store_n(q->tail, tail, __ATOMIC_RELEASE);
+  return err;
+}
+
+// aioSubmit(engine, write, fd, position, buffers, tag) -> true when
+// submitted, false when maxInFlight requests are already in the kernel.
+// The buffers must stay alive and unchanged until the completion for `tag`.
+static napi_value aio_submit(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  AioEngine *e;
+  bool write;
+  int64_t fd, position;
+  double tag;
+  uint32_t nbuf;
+  if (argc < 6 || !(e = engine_arg(env, argv[0])) || napi_get_value_bool(env, argv[1], &write) != napi_ok || !get_i64(env, argv[2], &fd) ||
+      !get_i64(env, argv[3], &position) || napi_get_array_length(env, argv[4], &nbuf) != napi_ok ||
+      napi_get_value_double(env, argv[5], &tag) != napi_ok)
+    CHECK(napi_invalid_arg);
+  const char *what = e->kind == ENGINE_LINUX_AIO ? (write ? "io_submit(pwritev)" : "io_submit(preadv)") : (write ? "io_uring(writev)" : "io_uring(readv)");
+  if (e->closed) return throw_errno(env, what, EBADF);
+  if (nbuf == 0 || nbuf > 1024 || position < 0) return throw_errno(env, what, EINVAL);
+  napi_value out;
+  if (e->inflight >= e->max) {
+    CHECK(napi_get_boolean(env, false, &out));
+    return out;
+  }
+  AioRequest *r = calloc(1, sizeof *r + nbuf * sizeof(struct iovec));
+  if (!r) return throw_errno(env, what, ENOMEM);
+  for (uint32_t i = 0; i < nbuf; i++) {
+    napi_value b;
+    void *data;
+    size_t len;
+    if (napi_get_element(env, argv[4], i, &b) != napi_ok || napi_get_buffer_info(env, b, &data, &len) != napi_ok) {
+      free(r);
+      CHECK(napi_invalid_arg);
+    }
+    r->iov[i].iov_base = data;
+    r->iov[i].iov_len = len;
+  }
+  r->tag = tag;
+  int err = submit_one(e, r, write, (int)fd, position, nbuf);
+  if (err != 0) {
+    free(r);
+    return throw_errno(env, what, err);
+  }
+  r->next = e->live;
+  if (e->live) e->live->prev = r;
+  e->live = r;
+  e->submitted++;
+  if (++e->inflight > e->peak) e->peak = e->inflight;
+  if (!e->polling) {
+    int pr = uv_poll_start(&e->poll, UV_READABLE, aio_on_ready);
+    if (pr != 0) return throw_errno(env, "uv_poll_start", -pr);
+    e->polling = 1;
+  }
+  CHECK(napi_get_boolean(env, true, &out));
+  return out;
+}
+
+// aioStats(engine) -> [in flight now, most in flight at once, submitted in all]
+static napi_value aio_stats(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  AioEngine *e;
+  if (argc < 1 || !(e = engine_arg(env, argv[0]))) CHECK(napi_invalid_arg);
+  napi_value out, a, b, c;
+  CHECK(napi_create_array_with_length(env, 3, &out));
+  CHECK(napi_create_uint32(env, e->inflight, &a));
+  CHECK(napi_create_uint32(env, e->peak, &b));
+  CHECK(napi_create_double(env, (double)e->submitted, &c));
+  CHECK(napi_set_element(env, out, 0, a));
+  CHECK(napi_set_element(env, out, 1, b));
+  CHECK(napi_set_element(env, out, 2, c));
+  return out;
+}
+
+// aioDestroy(engine): waits for requests still in the kernel, without
+// calling back for them, and releases the context or ring and the eventfd.
+static napi_value aio_destroy(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  AioEngine *e;
+  if (argc < 1 || !(e = engine_arg(env, argv[0]))) CHECK(napi_invalid_arg);
+  aio_close_engine(e);
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pipeSize", NULL, pipe_size, NULL, NULL, NULL, napi_default, NULL},
@@ -759,6 +1219,10 @@ static napi_value init(napi_env env, napi_value exports) {
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_default, NULL},
       {"addressModulo", NULL, address_modulo, NULL, NULL, NULL, napi_default, NULL},
       {"dioAlign", NULL, dio_align, NULL, NULL, NULL, napi_default, NULL},
+      {"aioCreate", NULL, aio_create, NULL, NULL, NULL, napi_default, NULL},
+      {"aioSubmit", NULL, aio_submit, NULL, NULL, NULL, napi_default, NULL},
+      {"aioStats", NULL, aio_stats, NULL, NULL, NULL, napi_default, NULL},
+      {"aioDestroy", NULL, aio_destroy, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   napi_value n;

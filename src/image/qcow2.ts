@@ -139,6 +139,26 @@ interface ReadSink {
   compressed(at: number, length: number, hi: number, lo: number, inCluster: number): boolean;
 }
 
+/** A guest cluster whose partial write must copy its old content first, as planWrite() found it. */
+interface CowCluster {
+  gci: number;
+  table: Buffer;
+  l1i: number;
+  j: number;
+  hi: number;
+  lo: number;
+  host: number;
+  inCluster: number;
+}
+
+/** Where planWrite() sends the pieces of a guest write, in write order. */
+interface WriteSink {
+  /** `length` bytes of the write, from byte `skip` of it on, go to host offset `host`. */
+  run(host: number, skip: number, length: number): void;
+  /** The `n` bytes from byte `skip` on land in a cluster that needs copy-on-write. Absent: such a write is declined. */
+  copyOnWrite?(cluster: CowCluster, skip: number, n: number): void;
+}
+
 /**
  * A QCOW2 version 3 image: guest reads and writes, and the VM state area
  * that lies past the virtual disk. All metadata is kept in memory and only
@@ -408,61 +428,18 @@ export class Qcow2Image {
     if (length === 0) return true;
     const mod = native();
     if (!mod || this.cow.size !== 0 || this.dataFile !== null) return false;
-    const cs = this.clusterSize;
-    const l2Span = cs * this.l2Entries;
-    const end = offset + length;
-    const lastL1 = Math.floor((end - 1) / l2Span);
-    // Every cluster must be writable in place or by allocation (planWrite's
-    // first three cases); decided before anything changes.
-    for (let pos = offset; pos < end; ) {
-      const gci = Math.floor(pos / cs);
-      const inCluster = pos - gci * cs;
-      const n = Math.min(cs - inCluster, end - pos);
-      pos += n;
-      const l1i = Math.floor(gci / this.l2Entries);
-      if (l1i >= this.l1Size || this.l2Offset(l1i) === 0) continue; // a new table
-      const table = this.l2Cache.get(l1i);
-      if (!table) return false;
-      const j = gci - l1i * this.l2Entries;
-      const hi = table.readUInt32BE(j * 8);
-      const lo = table.readUInt32BE(j * 8 + 4);
-      const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
-      if (this.needsCopyOnWrite(hi, lo, host, inCluster, n)) return false;
-    }
-    if (lastL1 >= this.l1Size) this.growL1(lastL1);
-    let runHost = -1;
-    let runLen = 0;
-    let runSkip = 0;
-    const endRun = (): void => {
-      if (runLen === 0) return;
-      try {
-        mod.pwriteSegments(this.fh.fd, runHost, buffers, segments, count, runSkip, runLen);
-      } catch (err) {
-        throw new Qcow2Error(this.path, `write of ${runLen} bytes failed: ${(err as Error).message}`, runHost);
-      }
-      runLen = 0;
-    };
-    for (let pos = offset; pos < end; ) {
-      const gci = Math.floor(pos / cs);
-      const inCluster = pos - gci * cs;
-      const n = Math.min(cs - inCluster, end - pos);
-      const l1i = Math.floor(gci / this.l2Entries);
-      const j = gci - l1i * this.l2Entries;
-      const table = this.tableForWrite(l1i);
-      const hi = table.readUInt32BE(j * 8);
-      const lo = table.readUInt32BE(j * 8 + 4);
-      const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
-      const dest = this.writeTarget(table, l1i, j, hi, lo, host) + inCluster;
-      if (runLen === 0 || runHost + runLen !== dest) {
-        endRun();
-        runHost = dest;
-        runSkip = pos - offset;
-      }
-      runLen += n;
-      pos += n;
-    }
-    endRun();
-    return true;
+    const fd = this.fh.fd;
+    // No copyOnWrite in the sink: a write that needs one is declined before anything changes.
+    const planned = this.planWrite(offset, length, {
+      run: (host, skip, n) => {
+        try {
+          mod.pwriteSegments(fd, host, buffers, segments, count, skip, n);
+        } catch (err) {
+          throw new Qcow2Error(this.path, `write of ${n} bytes failed: ${(err as Error).message}`, host);
+        }
+      },
+    });
+    return planned === true;
   }
 
   readVmState(offset: number, length: number): Promise<Buffer> {
@@ -969,15 +946,43 @@ export class Qcow2Image {
 
   private async writeAt(offset: number, buffers: Buffer[], length: number): Promise<void> {
     if (length === 0) return;
-    await Promise.all(await this.whenMapped(offset, length, () => this.planWrite(offset, buffers, length)));
+    await Promise.all(await this.whenMapped(offset, length, () => this.planWriteTasks(offset, buffers, length)));
   }
 
   /**
-   * Decide, synchronously, where every byte of the write goes: allocate new
-   * clusters, update L2 entries, and start the host writes. Contiguous host
-   * ranges become one positional (v)write. Null if an L2 table is missing.
+   * planWrite() for writes from buffers, asynchronous: contiguous host
+   * ranges become one positional (v)write each (through the guest data
+   * file when there is one). Null if an L2 table is missing.
    */
-  private planWrite(offset: number, buffers: Buffer[], length: number): Promise<void>[] | null {
+  private planWriteTasks(offset: number, buffers: Buffer[], length: number): Promise<void>[] | null {
+    const cursor = new BufferCursor(buffers);
+    const tasks: Promise<void>[] = [];
+    const data = offset < this.virtualSize ? this.dataFile : null;
+    const planned = this.planWrite(offset, length, {
+      run: (host, _skip, n) => {
+        const slices: Buffer[] = [];
+        cursor.take(n, slices);
+        tasks.push(data ? data.writev(host, slices, n) : writeSlices(this.fh, slices, host, n));
+      },
+      copyOnWrite: (cluster, _skip, n) => {
+        const slices: Buffer[] = [];
+        cursor.take(n, slices);
+        tasks.push(this.copyOnWrite(cluster, slices));
+      },
+    });
+    return planned === null ? null : tasks;
+  }
+
+  /**
+   * The one write plan, for the asynchronous and the synchronous path:
+   * decides where every byte of the guest range [offset, offset+length)
+   * goes, allocating clusters and updating L2 entries as it goes, and
+   * hands `sink` the host runs (contiguous host ranges merged) and the
+   * clusters to copy-on-write, in write order. Null, having changed
+   * nothing, if an L2 table of the range is not in memory; false, having
+   * changed nothing, if a cluster needs copy-on-write and the sink takes none.
+   */
+  private planWrite(offset: number, length: number, sink: WriteSink): boolean | null {
     const cs = this.clusterSize;
     const l2Span = cs * this.l2Entries;
     const end = offset + length;
@@ -985,18 +990,30 @@ export class Qcow2Image {
     for (let l1i = Math.floor(offset / l2Span); l1i <= lastL1; l1i++) {
       if (this.l2Offset(l1i) !== 0 && !this.l2Cache.has(l1i)) return null;
     }
+    if (sink.copyOnWrite === undefined) {
+      for (let pos = offset; pos < end; ) {
+        const gci = Math.floor(pos / cs);
+        const inCluster = pos - gci * cs;
+        const n = Math.min(cs - inCluster, end - pos);
+        pos += n;
+        const l1i = Math.floor(gci / this.l2Entries);
+        const table = this.l2Offset(l1i) === 0 ? undefined : this.l2Cache.get(l1i);
+        if (table === undefined) continue; // a new table: holes only
+        const j = gci - l1i * this.l2Entries;
+        const hi = table.readUInt32BE(j * 8);
+        const lo = table.readUInt32BE(j * 8 + 4);
+        const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
+        if (this.needsCopyOnWrite(hi, lo, host, inCluster, n)) return false;
+      }
+    }
     if (lastL1 >= this.l1Size) this.growL1(lastL1);
 
-    const cursor = new BufferCursor(buffers);
-    const tasks: Promise<void>[] = [];
-    const data = offset < this.virtualSize ? this.dataFile : null;
     let runHost = -1;
     let runLen = 0;
-    let runSlices: Buffer[] = [];
+    let runSkip = 0;
     const endRun = (): void => {
-      if (runLen > 0) tasks.push(data ? data.writev(runHost, runSlices, runLen) : writeSlices(this.fh, runSlices, runHost, runLen));
+      if (runLen > 0) sink.run(runHost, runSkip, runLen);
       runLen = 0;
-      runSlices = [];
     };
     let pos = offset;
     while (pos < end) {
@@ -1011,9 +1028,8 @@ export class Qcow2Image {
       const host = (hi & FLAG_COMPRESSED) !== 0 ? 0 : this.standardOffset(hi, lo, l1i, j);
       if (this.needsCopyOnWrite(hi, lo, host, inCluster, n)) {
         endRun();
-        const slices: Buffer[] = [];
-        cursor.take(n, slices);
-        tasks.push(this.copyOnWrite(gci, table, l1i, j, hi, lo, host, inCluster, slices));
+        // Checked above when the sink takes no copy-on-write.
+        (sink.copyOnWrite as NonNullable<WriteSink['copyOnWrite']>)({ gci, table, l1i, j, hi, lo, host, inCluster }, pos - offset, n);
         pos += n;
         continue;
       }
@@ -1021,13 +1037,13 @@ export class Qcow2Image {
       if (runLen === 0 || runHost + runLen !== dest) {
         endRun();
         runHost = dest;
+        runSkip = pos - offset;
       }
-      cursor.take(n, runSlices);
       runLen += n;
       pos += n;
     }
     endRun();
-    return tasks;
+    return true;
   }
 
   /**
@@ -1067,9 +1083,8 @@ export class Qcow2Image {
     return this.l2Cache.get(l1i) as Buffer;
   }
 
-  private copyOnWrite(
-    gci: number, table: Buffer, l1i: number, j: number, hi: number, lo: number, host: number, inCluster: number, slices: Buffer[],
-  ): Promise<void> {
+  private copyOnWrite(cluster: CowCluster, slices: Buffer[]): Promise<void> {
+    const { gci, table, l1i, j, hi, lo, host, inCluster } = cluster;
     const target = this.refs.allocate(1);
     // Pin the table in the cache until the entry is switched over.
     this.l2Dirty.add(l1i);

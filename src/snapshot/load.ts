@@ -63,7 +63,11 @@ export interface LoadOptions {
    * page cache. The other modes read through the page cache.
    */
   cache?: CacheMode;
-  /** I/O engine (default threads, the only one built in). */
+  /**
+   * I/O engine for the O_DIRECT RAM reads (default threads): native is
+   * Linux AIO, io_uring io_uring, each with at most maxInFlight requests in
+   * the kernel; both need cache none or directsync.
+   */
   aio?: AioMode;
   /** Postcopy milestones, for benchmarks. */
   onEvent?(name: 'switch' | 'eof' | 'shut', atMs: number): void;
@@ -229,9 +233,11 @@ function* buildPlan(runs: Array<{ index: number; offset: number; length: number;
 
 export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const policy = cachePolicy(opts.cache);
-  checkAioMode(opts.aio ?? 'threads');
+  checkAioMode(opts.aio ?? 'threads', policy, 'load');
   // Opened first: a file system without direct I/O is refused before anything else.
-  const dataFile = policy.direct ? openDirect(imagePath, fs.constants.O_RDONLY, `load --cache=${policy.mode}`) : null;
+  const dataFile = policy.direct
+    ? openDirect(imagePath, fs.constants.O_RDONLY, `load --cache=${policy.mode}`, imagePath, { aio: opts.aio ?? 'threads', maxInFlight: opts.maxInFlight ?? 8 })
+    : null;
   let snap: SnapshotContents;
   try {
     snap = await openSnapshot(imagePath);

@@ -15,6 +15,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { pumpAsync } from '../util/pump';
 import { OrderedBlockWriter, BlockWriteTarget, BlockWrite } from '../blockio';
+import { DEFAULT_MAX_IN_FLIGHT } from '../blockio/ordered-writer';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import { Command } from '../migration/constants';
@@ -64,7 +65,11 @@ export interface SaveOptions {
    * image is still published atomically, by rename).
    */
   cache?: CacheMode;
-  /** I/O engine (default threads, the only one built in). */
+  /**
+   * I/O engine for the O_DIRECT guest RAM writes (default threads): native
+   * is Linux AIO, io_uring io_uring, each with at most maxInFlight requests
+   * in the kernel; both need cache none or directsync.
+   */
   aio?: AioMode;
 }
 
@@ -195,7 +200,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   let file: ImageFile | null = null;
   const policy = cachePolicy(opts.cache);
   const what = `save --cache=${policy.mode}`;
-  checkAioMode(opts.aio ?? 'threads');
+  checkAioMode(opts.aio ?? 'threads', policy, 'save');
   // Direct I/O is tried on a probe file first: a file system without it
   // (tmpfs) is refused before any of the stream is read, nothing left behind.
   const dioMemAlign = policy.direct ? probeDirect(tmpPath, what, imagePath) : 0;
@@ -235,7 +240,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
         // VM state (small, unaligned) through the image's buffered one.
         // An unnamed file is reopened through /proc: a new open file description with its own flags.
         const named = (file as ImageFile | null)?.tmpPath ?? `/proc/self/fd/${(file as ImageFile | null)?.fh.fd ?? -1}`;
-        dataFile = openDirect(named, fsc.O_RDWR | (policy.dsync ? fsc.O_DSYNC : 0), what, imagePath);
+        dataFile = openDirect(named, fsc.O_RDWR | (policy.dsync ? fsc.O_DSYNC : 0), what, imagePath, {
+          aio: opts.aio ?? 'threads',
+          maxInFlight: opts.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+        });
         image.setDataFile(dataFile);
       }
       blockTarget.image = image;

@@ -18,6 +18,7 @@
 import * as fs from 'node:fs';
 import { QemuSnapError } from '../errors';
 import { native, nativeUnavailableReason } from './native';
+import { LinuxAio } from './linux-aio';
 
 export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'] as const;
 export type CacheMode = (typeof CACHE_MODES)[number];
@@ -55,15 +56,47 @@ export function isAioMode(s: string): s is AioMode {
 export class DirectIoError extends QemuSnapError {}
 
 /**
- * Throws unless `mode` can run here. Only `threads` (Node's thread pool,
- * `--max-in-flight` requests outstanding) is built in: linux-aio and
- * io_uring would need libaio/liburing (or their raw system calls) and a
- * completion thread in the native module, which this build does not have.
+ * Throws unless `mode` can run with `policy` here (`what`, e.g. "save", for
+ * the message). `threads` is Node's thread pool. `native` (Linux AIO) and
+ * `io_uring` go through the native module and serve the O_DIRECT I/O of
+ * cache modes none and directsync: with `native`, as in QEMU, because the
+ * kernel only does O_DIRECT I/O asynchronously; with `io_uring` because
+ * that is all qemu-snap uses an engine for (QEMU would take it buffered).
  */
-export function checkAioMode(mode: AioMode): void {
+export function checkAioMode(mode: AioMode, policy: CachePolicy = cachePolicy(), what = 'qemu-snap'): void {
   if (mode === 'threads') return;
-  const lib = mode === 'native' ? 'linux-aio (libaio)' : 'io_uring (liburing)';
-  throw new DirectIoError(`--aio=${mode}: not built into this qemu-snap (its native module has no ${lib} engine); use --aio=threads`);
+  if (!policy.direct) {
+    const why =
+      mode === 'native'
+        ? 'Linux AIO is only asynchronous with O_DIRECT; QEMU likewise refuses aio=native without cache.direct=on'
+        : 'qemu-snap uses io_uring for its O_DIRECT I/O only';
+    throw new DirectIoError(`${what} --aio=${mode}: needs --cache=none or --cache=directsync (${why}), not --cache=${policy.mode}`);
+  }
+  if (mode === 'io_uring') {
+    const state = ioUringKernelState();
+    if (state.disabled) throw new DirectIoError(`${what} --aio=io_uring: ${state.text}; use --aio=native or --aio=threads`);
+  }
+  const mod = native();
+  if (mod === null) throw new DirectIoError(`${what} --aio=${mode}: needs the native module (${nativeUnavailableReason()}); use --aio=threads`);
+  if (mod.aioCreate === undefined) throw new DirectIoError(`${what} --aio=${mode}: the native module was built without it (rebuild it: npm run build:native); use --aio=threads`);
+}
+
+/** What the kernel says about io_uring (/proc/sys/kernel/io_uring_disabled, Linux 6.6+). */
+function ioUringKernelState(): { disabled: boolean; text: string } {
+  let v: string;
+  try {
+    v = fs.readFileSync('/proc/sys/kernel/io_uring_disabled', 'utf8').trim();
+  } catch {
+    return { disabled: false, text: 'this kernel has no io_uring_disabled switch' };
+  }
+  if (v === '0' || v === '1') return { disabled: false, text: `io_uring_disabled=${v}` };
+  return { disabled: true, text: `the kernel disables io_uring (/proc/sys/kernel/io_uring_disabled is ${v})` };
+}
+
+/** The I/O engine a DirectFile uses: Node's thread pool, or Linux AIO or io_uring with this many requests in the kernel at most. */
+export interface DirectEngine {
+  aio: AioMode;
+  maxInFlight: number;
 }
 
 /** Alignment assumed when the file does not say. */
@@ -82,7 +115,7 @@ function pow2AtLeast(n: number, floor: number): number {
  * file, as QEMU says it. O_CREAT is refused here: on such a file system the
  * open would leave an empty file behind.
  */
-export function openDirect(file: string, flags: number, what: string, shown: string = file): DirectFile {
+export function openDirect(file: string, flags: number, what: string, shown: string = file, engine?: DirectEngine): DirectFile {
   const mod = native();
   if (mod === null) throw new DirectIoError(`${what}: direct I/O needs the native module for aligned buffers (${nativeUnavailableReason()}); use --cache=writeback or writethrough`);
   if ((flags & fs.constants.O_CREAT) !== 0) throw new RangeError('openDirect: O_CREAT is not allowed');
@@ -98,7 +131,17 @@ export function openDirect(file: string, flags: number, what: string, shown: str
   // Page-aligned memory costs nothing and satisfies every device we know of.
   const memAlign = pow2AtLeast(mem || DEFAULT_DIO_ALIGN, DEFAULT_DIO_ALIGN);
   const offsetAlign = off || DEFAULT_DIO_ALIGN;
-  return new DirectFile(fd, file, memAlign, offsetAlign);
+  let aio: LinuxAio | null = null;
+  if (engine !== undefined && engine.aio !== 'threads') {
+    try {
+      aio = new LinuxAio(mod, engine.maxInFlight, engine.aio);
+    } catch (err) {
+      fs.closeSync(fd);
+      // io_uring_disabled=1 and not in io_uring_group: EPERM.
+      throw new DirectIoError(`${what} --aio=${engine.aio}: ${(err as Error).message}; use --aio=threads`);
+    }
+  }
+  return new DirectFile(fd, file, memAlign, offsetAlign, aio);
 }
 
 /** `size`-byte buffers at `align`-aligned addresses (native posix_memalign). */
@@ -118,8 +161,9 @@ function readAsync(fd: number, out: Buffer, at: number, length: number, position
 
 /**
  * A file open with O_DIRECT. Writes and reads whose offset, length and
- * memory are aligned go straight to the thread pool (one pwritev/pread
- * each); any other is done through an aligned bounce buffer, a partial
+ * memory are aligned go straight to the thread pool, or to Linux AIO or
+ * io_uring with --aio (one pwritev/pread each); any other is done through
+ * an aligned bounce buffer, a partial
  * sector at either end read, patched and written back synchronously on
  * this thread so that no other write can slip in between (a partial sector
  * is only ever shared with another unaligned write: an aligned write that
@@ -132,7 +176,19 @@ export class DirectFile {
   /** Writes and reads that needed the bounce buffer (for tests and stats). */
   bounced = 0;
 
-  constructor(readonly fd: number, readonly path: string, readonly memAlign: number, readonly offsetAlign: number) {}
+  /**
+   * `aio`: aligned reads and writes go through Linux AIO (--aio=native)
+   * or io_uring instead of the thread pool; closed with the file.
+   */
+  constructor(readonly fd: number, readonly path: string, readonly memAlign: number, readonly offsetAlign: number, readonly aio: LinuxAio | null = null) {}
+
+  private writevNow(slices: Buffer[], position: number): Promise<number> {
+    return this.aio ? this.aio.pwritev(this.fd, slices, position) : writevAsync(this.fd, slices, position);
+  }
+
+  private readNow(out: Buffer, at: number, length: number, position: number): Promise<number> {
+    return this.aio ? this.aio.preadv(this.fd, [out.subarray(at, at + length)], position) : readAsync(this.fd, out, at, length, position);
+  }
 
   private aligned(b: Uint8Array): boolean {
     return b.length % this.offsetAlign === 0 && (this.mod === null || this.mod.addressModulo(b, this.memAlign) === 0);
@@ -142,7 +198,7 @@ export class DirectFile {
     let ok = position % this.offsetAlign === 0;
     for (let i = 0; ok && i < slices.length; i++) ok = this.aligned(slices[i]);
     if (!ok) return this.writeBounced(position, slices, length);
-    const done = await writevAsync(this.fd, slices, position);
+    const done = await this.writevNow(slices, position);
     if (done === length) return;
     if (done <= 0) throw Object.assign(new Error(`short O_DIRECT write at ${position}`), { code: 'EIO' });
     // Short (rare on regular files): the rest through the bounce path, which takes any remainder.
@@ -189,7 +245,7 @@ export class DirectFile {
     if (position % a === 0 && this.aligned(out.subarray(at, at + length))) {
       let done = 0;
       while (done < length) {
-        const n = await readAsync(this.fd, out, at + done, length - done, position + done);
+        const n = await this.readNow(out, at + done, length - done, position + done);
         if (n === 0) break;
         done += n;
         if (done % a !== 0) break; // the end of the file
@@ -203,7 +259,7 @@ export class DirectFile {
     const buf = (this.mod as NonNullable<typeof this.mod>).alignedBuffer(end - start, this.memAlign);
     let done = 0;
     while (done < buf.length) {
-      const n = await readAsync(this.fd, buf, done, buf.length - done, start + done);
+      const n = await this.readNow(buf, done, buf.length - done, start + done);
       if (n === 0) break;
       done += n;
       if (done % a !== 0) break;
@@ -215,6 +271,8 @@ export class DirectFile {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // Waits for requests still in the kernel before their descriptor goes.
+    this.aio?.destroy();
     fs.closeSync(this.fd);
   }
 }

@@ -48,6 +48,23 @@ export interface NativeModule {
   addressModulo(buf: Uint8Array, align: number): number;
   /** [memory, offset] alignment O_DIRECT needs on `fd` (statx STATX_DIOALIGN, BLKSSZGET), [0, 0] when unknown. */
   dioAlign(fd: number): [number, number];
+  /**
+   * A Linux AIO context (io_setup; kind 0, the default) or an io_uring
+   * (io_uring_setup; kind 1) for `maxInFlight` requests, whose
+   * completions call `onComplete(tag, result)` on the main loop, one call
+   * each; result is the bytes done or -errno. Absent in older builds.
+   */
+  aioCreate?(maxInFlight: number, onComplete: (tag: number, result: number) => void, kind?: 0 | 1): object;
+  /**
+   * io_submit(2) (or an io_uring SQE) of one pwritev (write) or preadv of `buffers` at
+   * `position`: true when submitted, false when maxInFlight requests are in
+   * the kernel already. The buffers must stay alive until the completion.
+   */
+  aioSubmit?(engine: object, write: boolean, fd: number, position: number, buffers: Buffer[], tag: number): boolean;
+  /** [in flight now, most in flight at once, submitted in all]. */
+  aioStats?(engine: object): [number, number, number];
+  /** Waits for what is in flight (io_destroy; io_uring_enter), no callbacks for it, and closes the context or ring and the eventfd. */
+  aioDestroy?(engine: object): void;
 }
 
 let loaded: NativeModule | null | undefined;

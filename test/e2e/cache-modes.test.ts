@@ -1,7 +1,8 @@
 // Issue 14 against real QEMU: every --cache mode saves a paused VM driven by
 // QEMU's own `migrate "exec:..."` (pc and q35), the images of all modes are
 // byte-identical and `qemu-img check` clean, and the image restores through
-// `load` and `load --cache=none` into byte-identical guest memory.
+// `load` and `load --cache=none` into byte-identical guest memory; the same
+// with --aio=native (Linux AIO) on both sides, and io_uring.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -92,22 +93,64 @@ async function everyMode(machine: Machine): Promise<void> {
 }
 
 /** load -n --postcopy 0: guest memory read during postcopy faults every page in through the urgent lane, over O_DIRECT. */
-async function postcopyDirect(image: string, srcDump: string): Promise<void> {
+async function postcopyDirect(image: string, srcDump: string, extraArgs = ''): Promise<void> {
   const dump = path.join(dir, 'postcopy.mem');
   const dst = await startVm({ machine: 'pc', memMiB: MEM_MIB, paused: true, incoming: 'defer', name: 'postcopy-direct' });
   try {
-    await dst.migrateIncoming(snapExec(`load -q -n --max-in-flight 2 --postcopy 0 ${shellQuote(image)}`), { 'postcopy-ram': true });
+    await dst.migrateIncoming(snapExec(`load -q -n ${extraArgs} --max-in-flight 2 --postcopy 0 ${shellQuote(image)}`), { 'postcopy-ram': true });
     await dst.waitForMigrationStatus('postcopy-active', 60_000);
     await dst.pmemsave(dump, MEM_MIB << 20);
     await dst.waitForMigrationStatus('completed', 60_000);
   } finally {
     await dst.stop();
   }
-  assert.is(memoryDifference(srcDump, dump, false), null, 'load -n --postcopy 0: destination memory equals the source');
+  assert.is(memoryDifference(srcDump, dump, false), null, `load -n ${extraArgs} --postcopy 0: destination memory equals the source`);
   fs.unlinkSync(dump);
+}
+
+/**
+ * --aio=native (Linux AIO): QEMU saves through `save -n --aio=native`, the
+ * image is byte-identical to the same stream saved with --aio=threads (and
+ * io_uring) and qemu-img check clean, and `load -n --aio=native` (and
+ * io_uring) restores identical memory (precopy; and postcopy's urgent lane
+ * on pc).
+ */
+async function aioNative(machine: Machine): Promise<void> {
+  const srcDump = path.join(dir, `${machine}.aio.src.mem`);
+  const image = path.join(dir, `${machine}-aio.qcow2`);
+  const stream = path.join(dir, `${machine}-aio.stream`);
+  const src = await startVm({ machine, memMiB: MEM_MIB, paused: true, loads: [{ file: pattern, addr: 32 << 20 }], name: `${machine}-src-aio` });
+  try {
+    const uri = `exec:tee ${shellQuote(stream)} | ${snapExec(`save -q -n --aio=native --max-in-flight 4 ${shellQuote(image)}`).slice('exec:'.length)}`;
+    await src.migrate(uri, { timeoutMs: 60_000 }).catch((err: Error) => {
+      throw new Error(`--aio=native: ${err.message}; QEMU/qemu-snap stderr: ${src.stderr.trim()}`);
+    });
+    await src.pmemsave(srcDump, MEM_MIB << 20);
+  } finally {
+    await src.stop();
+  }
+  qemuImgCheck(image);
+  const want = fs.readFileSync(image);
+  for (const args of [['-n', '--aio=threads'], ['--cache=directsync', '--aio=native', '--max-in-flight', '1'], ['--cache=writeback'], ['-n', '--aio=io_uring']]) {
+    const again = path.join(dir, `${machine}-aio-again.qcow2`);
+    const r = await runCli(['save', '-q', '-f', ...args, '-i', stream, again]);
+    assert.is(r.code, 0, r.stderr);
+    assert.ok(want.equals(fs.readFileSync(again)), `the --aio=native image equals the stream saved again with ${args.join(' ')}`);
+    fs.unlinkSync(again);
+  }
+  for (const args of ['-n --aio=native --max-in-flight 4', '--cache=directsync --aio=native --max-in-flight 1', '-n --aio=io_uring --max-in-flight 3']) {
+    const dump = path.join(dir, `${machine}.aio.mem`);
+    await restore(machine, image, args, dump);
+    assert.is(memoryDifference(srcDump, dump, false), null, `load ${args}: destination memory equals the source`);
+    fs.unlinkSync(dump);
+  }
+  if (machine === 'pc') await postcopyDirect(image, srcDump, '--aio=native');
+  for (const f of [image, stream, srcDump]) fs.unlinkSync(f);
 }
 
 test('pc, paused: every cache mode saves the same image and restores byte-identical memory', () => everyMode('pc'));
 test('q35, paused: every cache mode', () => everyMode('q35'));
+test('pc, paused: save -n --aio=native, byte-identical to --aio=threads, restores identical memory (precopy and postcopy)', () => aioNative('pc'));
+test('q35, paused: save -n --aio=native and load -n --aio=native', () => aioNative('q35'));
 
 test.run();

@@ -2,8 +2,8 @@
 // pieces, a QCOW2 image whose guest data goes through O_DIRECT while its
 // metadata and VM state stay buffered, --max-in-flight as the number of
 // direct writes really outstanding, segment writes inside the ring, the
-// refusal of a file system without O_DIRECT, and every mode writing the same
-// bytes. Needs the native module and a temporary directory that does O_DIRECT.
+// refusal of a file system without O_DIRECT, every mode writing the same
+// bytes, and --aio=native (Linux AIO) and io_uring counted in the kernel. Needs the native module and a temporary directory that does O_DIRECT.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -13,6 +13,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { Readable } from 'node:stream';
 import { native } from '../../src/util/native';
 import { alignedAllocator, openDirect, DirectFile, checkAioMode, cachePolicy } from '../../src/util/direct-io';
+import { LinuxAio, LinuxAioStats } from '../../src/util/linux-aio';
 import { RunBufferPool } from '../../src/snapshot/run-buffers';
 import { Qcow2Image } from '../../src/image';
 import { OrderedBlockWriter, BlockWrite, BlockWriteTarget } from '../../src/blockio';
@@ -25,6 +26,14 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-cache-'));
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 const CLI = path.resolve(__dirname, '..', '..', 'cli', 'qemu-snap.js');
 const mod = native();
+/** io_uring_disabled: 0 allows everyone, 1 root and io_uring_group, 2 no one; absent before Linux 6.6. */
+const ioUringAllowed = (() => {
+  try {
+    return fs.readFileSync('/proc/sys/kernel/io_uring_disabled', 'utf8').trim() !== '2';
+  } catch {
+    return true;
+  }
+})();
 
 function bytes(seed: number, n: number): Buffer {
   const r = prng(seed);
@@ -46,8 +55,60 @@ test('cache modes have QEMU meanings; --aio native and io_uring say what is miss
   assert.equal(cachePolicy('unsafe'), { mode: 'unsafe', direct: false, dsync: false, flush: false });
   assert.equal(cachePolicy(), { mode: 'writeback', direct: false, dsync: false, flush: true });
   checkAioMode('threads');
-  assert.throws(() => checkAioMode('io_uring'), /--aio=io_uring: not built into this qemu-snap \(.*io_uring.*\)/);
-  assert.throws(() => checkAioMode('native'), /--aio=native: not built into this qemu-snap \(.*linux-aio.*\)/);
+  // As QEMU: aio=native needs cache.direct=on. qemu-snap uses io_uring for O_DIRECT only.
+  for (const mode of ['writeback', 'writethrough', 'unsafe'] as const) {
+    assert.throws(() => checkAioMode('native', cachePolicy(mode), 'load'), new RegExp(`^load --aio=native: needs --cache=none or --cache=directsync \\(.*cache.direct=on\\), not --cache=${mode}$`));
+    assert.throws(() => checkAioMode('io_uring', cachePolicy(mode), 'save'), new RegExp(`^save --aio=io_uring: needs --cache=none or --cache=directsync \\(qemu-snap uses io_uring for its O_DIRECT I/O only\\), not --cache=${mode}$`));
+  }
+  if (mod) {
+    for (const aio of ['native', 'io_uring'] as const) {
+      if (aio === 'io_uring' && !ioUringAllowed) continue;
+      checkAioMode(aio, cachePolicy('none'), 'save');
+      checkAioMode(aio, cachePolicy('directsync'), 'save');
+    }
+  }
+});
+
+for (const kind of ['native', 'io_uring'] as const) test(`--aio=${kind} engine: at most maxInFlight requests in the kernel, the rest queued in order; results, short reads at the end, errors`, async () => {
+  if (!mod) return console.log('  (skipped: no native module)');
+  if (kind === 'io_uring' && !ioUringAllowed) return console.log('  (skipped: io_uring disabled by the kernel)');
+  const file = path.join(dir, `aio-${kind}.bin`);
+  fs.writeFileSync(file, '');
+  const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_DIRECT);
+  const aio = new LinuxAio(mod, 4, kind);
+  try {
+    const alloc = alignedAllocator(4096);
+    const want = Buffer.alloc(32 * 65536);
+    const writes: Promise<number>[] = [];
+    for (let i = 0; i < 32; i++) {
+      const b = alloc(65536);
+      bytes(200 + i, 65536).copy(b);
+      b.copy(want, i * 65536);
+      writes.push(aio.pwritev(fd, [b.subarray(0, 4096), b.subarray(4096)], i * 65536));
+    }
+    // Completions are reaped on the main loop: nothing has been yet.
+    assert.equal(aio.stats(), { inFlight: 4, peak: 4, submitted: 4, queued: 28 });
+    assert.equal(await Promise.all(writes), new Array(32).fill(65536));
+    assert.equal(aio.stats(), { inFlight: 0, peak: 4, submitted: 32, queued: 0 });
+    assert.ok(fs.readFileSync(file).equals(want), 'every write landed where it was asked');
+    const out = alloc(65536);
+    assert.is(await aio.preadv(fd, [out], 7 * 65536), 65536);
+    assert.ok(out.equals(want.subarray(7 * 65536, 8 * 65536)));
+    assert.is(await aio.preadv(fd, [out], 31 * 65536 + 8192), 65536 - 8192, 'short at the end of the file');
+    // An unaligned O_DIRECT write fails with the kernel's errno.
+    const err = await aio.pwritev(fd, [Buffer.alloc(100)], 3).then(() => null, (e: NodeJS.ErrnoException) => e);
+    assert.is(err?.code, 'EINVAL');
+  } finally {
+    aio.destroy();
+  }
+  // Closed with requests in the kernel and queued: it waits for the first, fails them all, and stays closed.
+  const early = new LinuxAio(mod, 2, kind);
+  const buf = alignedAllocator(4096)(1 << 20);
+  const outcomes = [0, 1, 2, 3, 4].map((i) => early.pwritev(fd, [buf], i << 20).then(() => 'done', (e: NodeJS.ErrnoException) => String(e.code)));
+  early.destroy();
+  assert.equal(await Promise.all(outcomes), ['ECANCELED', 'ECANCELED', 'ECANCELED', 'ECANCELED', 'ECANCELED']);
+  assert.is(await early.preadv(fd, [buf], 0).then(() => 'done', (e: NodeJS.ErrnoException) => String(e.code)), 'EBADF');
+  fs.closeSync(fd);
 });
 
 test('the aligned pool hands out aligned buffers and takes them back', () => {
@@ -200,6 +261,44 @@ test('--max-in-flight bounds the O_DIRECT writes really outstanding', async () =
   }
 });
 
+/** The kernel-side figures of every Linux AIO engine closed while `fn` runs. */
+async function aioPeaks(fn: () => Promise<void>): Promise<LinuxAioStats[]> {
+  const proto = LinuxAio.prototype;
+  const realDestroy = proto.destroy;
+  const seen: LinuxAioStats[] = [];
+  proto.destroy = function (this: LinuxAio): void {
+    seen.push(this.stats());
+    realDestroy.call(this);
+  };
+  try {
+    await fn();
+  } finally {
+    proto.destroy = realDestroy;
+  }
+  return seen;
+}
+
+for (const kind of ['native', 'io_uring'] as const) test(`--aio=${kind}: --max-in-flight is the number of requests in the kernel at once, save and load`, async () => {
+  if (!mod) return console.log('  (skipped: no native module)');
+  if (kind === 'io_uring' && !ioUringAllowed) return console.log('  (skipped: io_uring disabled by the kernel)');
+  const image = path.join(dir, `aio-inflight-${kind}.qcow2`);
+  const want = path.join(dir, `aio-inflight-${kind}.want`);
+  for (const n of [1, 3, 8]) {
+    const saved = await aioPeaks(() => saveSnapshot(Readable.from([scatteredStream()]), image, { cache: 'none', aio: kind, maxInFlight: n, force: true }).then(() => undefined));
+    assert.is(saved.length, 1, 'one engine, for the O_DIRECT descriptor');
+    assert.is(saved[0].submitted, 64, 'one request per run, all through Linux AIO');
+    assert.ok(saved[0].peak >= 1 && saved[0].peak <= n, `save: at most ${n} in the kernel (peak ${saved[0].peak})`);
+    if (n === 1) await loadSnapshot(image, { output: want });
+    const out = path.join(dir, `aio-inflight-${kind}-${n}.out`);
+    const loaded = await aioPeaks(() => loadSnapshot(image, { output: out, cache: 'none', aio: kind, maxInFlight: n }).then(() => undefined));
+    assert.is(loaded.length, 1);
+    assert.ok(loaded[0].submitted >= 64, `every data read went through Linux AIO (${loaded[0].submitted})`);
+    assert.ok(loaded[0].peak >= 1 && loaded[0].peak <= n, `load: at most ${n} in the kernel (peak ${loaded[0].peak})`);
+    if (n > 1) assert.ok(loaded[0].peak > 1, `load: reads really overlap (peak ${loaded[0].peak})`);
+    assert.ok(fs.readFileSync(out).equals(fs.readFileSync(want)), 'the same stream as a buffered load');
+  }
+});
+
 test('load --cache=none: --max-in-flight bounds the O_DIRECT reads really outstanding', async () => {
   if (!mod) return console.log('  (skipped: no native module)');
   const image = path.join(dir, 'inflight-load.qcow2');
@@ -318,6 +417,26 @@ test('a file system without O_DIRECT: save and load --cache=none/directsync refu
   }
 });
 
+test('--aio=native with a buffered cache mode: save and load refuse in one line, as QEMU does, nothing left behind', () => {
+  const stream = path.join(dir, 'aio-refused.stream');
+  fs.writeFileSync(stream, completeStream());
+  const out = fs.mkdtempSync(path.join(dir, 'aio-refused-'));
+  const image = path.join(out, 'vm.qcow2');
+  for (const mode of ['writeback', 'unsafe']) {
+    const r = spawnSync(process.execPath, [CLI, 'save', `--cache=${mode}`, '--aio=native', '-i', stream, image], { encoding: 'utf8' });
+    assert.is(r.status, 1, r.stderr);
+    assert.is(r.stderr.split('\n').length, 2, r.stderr);
+    assert.match(r.stderr, new RegExp(`^qemu-snap: save --aio=native: needs --cache=none or --cache=directsync .*cache\\.direct=on.*, not --cache=${mode}\n$`));
+    assert.equal(fs.readdirSync(out), [], 'nothing left behind');
+  }
+  const ok = spawnSync(process.execPath, [CLI, 'save', '-q', '-i', stream, image], { encoding: 'utf8' });
+  assert.is(ok.status, 0, ok.stderr);
+  const r = spawnSync(process.execPath, [CLI, 'load', '--aio=native', '-o', path.join(out, 'x.out'), image], { encoding: 'utf8' });
+  assert.is(r.status, 1);
+  assert.match(r.stderr, /^qemu-snap: load --aio=native: needs --cache=none or --cache=directsync .*, not --cache=writeback\n$/);
+  assert.equal(fs.readdirSync(out), ['vm.qcow2']);
+});
+
 test('every cache mode, with and without the native module, writes the same image and loads the same stream', async () => {
   const stream = path.join(dir, 'modes.stream');
   fs.writeFileSync(stream, scatteredStream());
@@ -327,7 +446,11 @@ test('every cache mode, with and without the native module, writes the same imag
     [['--cache=unsafe'], {}],
     [['--cache=writethrough'], {}],
   ];
-  if (mod) runs.push([['--cache=none'], {}], [['--cache=directsync'], {}], [['-n', '--max-in-flight', '1'], {}]);
+  if (mod) {
+    runs.push([['--cache=none'], {}], [['--cache=directsync'], {}], [['-n', '--max-in-flight', '1'], {}]);
+    runs.push([['-n', '--aio=native'], {}], [['--cache=directsync', '--aio=native', '--max-in-flight', '2'], {}]);
+    if (ioUringAllowed) runs.push([['-n', '--aio=io_uring', '--max-in-flight', '3'], {}]);
+  }
   let first: Buffer | null = null;
   let firstStream: Buffer | null = null;
   for (const [args, env] of runs) {
@@ -337,7 +460,9 @@ test('every cache mode, with and without the native module, writes the same imag
     const bytesNow = fs.readFileSync(image);
     if (first === null) first = bytesNow;
     else assert.ok(first.equals(bytesNow), `save ${args.join(' ')} ${JSON.stringify(env)}: the same image`);
-    for (const load of mod ? [{}, { cache: 'none' as const, maxInFlight: 3 }] : [{}]) {
+    const loads: Array<Parameters<typeof loadSnapshot>[1]> = mod ? [{}, { cache: 'none', maxInFlight: 3 }, { cache: 'none', aio: 'native', maxInFlight: 5 }] : [{}];
+    if (mod && ioUringAllowed) loads.push({ cache: 'directsync', aio: 'io_uring', maxInFlight: 2 });
+    for (const load of loads) {
       const out = path.join(dir, 'mode.out');
       await loadSnapshot(image, { output: out, ...load });
       const s = fs.readFileSync(out);

@@ -216,6 +216,39 @@ test('writeSegmentsSync: the same image as write() for the same plan, and it dec
   assertClean(comp);
 });
 
+test('one write plan: writev, writeSegmentsSync and a mix of the two build byte-identical image files', async () => {
+  const cs = 64 * KiB;
+  const virtualSize = 24 * MiB + 512;
+  const writes = planWrites(virtualSize, cs, 1234);
+  const vmState = prng(77)(3 * cs + 11);
+  const build = async (name: string, useSegments: (i: number) => boolean): Promise<Buffer> => {
+    const file = tmp.file(name);
+    const img = await Qcow2Image.create(file, { virtualSize, clusterSize: cs });
+    for (let i = 0; i < writes.length; i++) {
+      const { offset, data } = writes[i];
+      if (useSegments(i)) {
+        const cut = Math.floor(data.length / 2);
+        const segs = new Float64Array([1, 0, data.length - cut, 0, 0, cut]);
+        // The pieces in order: buffer 1 holds the first part, buffer 0 the rest.
+        assert.ok(img.writeSegmentsSync(offset, data.length, [data.subarray(data.length - cut), data.subarray(0, data.length - cut)], segs, 2));
+      } else {
+        const third = Math.floor(data.length / 3);
+        await img.writev(offset, [data.subarray(0, third), data.subarray(third)]);
+      }
+    }
+    await img.writeVmState(0, vmState);
+    await img.close();
+    assertClean(file);
+    return require('node:fs').readFileSync(file) as Buffer;
+  };
+  const async = await build('plan-async.qcow2', () => false);
+  const sync = await build('plan-sync.qcow2', () => true);
+  const mixed = await build('plan-mixed.qcow2', (i) => i % 2 === 1);
+  assert.ok(sync.equals(async), 'writeSegmentsSync image differs from the writev one');
+  assert.ok(mixed.equals(async), 'mixed image differs from the writev one');
+  compareWithModel(toRaw(tmp.file('plan-async.qcow2'), tmp.file('plan-async.raw')), virtualSize, writes);
+});
+
 test('reopened writable after close: overwrite, extend, more VM state', async () => {
   const path = tmp.file('reopen.qcow2');
   const cs = 512 * KiB;
