@@ -17,6 +17,7 @@ import { pumpAsync } from '../util/pump';
 import { OrderedBlockWriter, BlockWriteTarget, BlockWrite } from '../blockio';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
+import type { MultifdMerger } from '../migration/multifd-merger';
 import { Command } from '../migration/constants';
 import { encodePong, encodeShut } from '../migration/return-path';
 import { QemuSnapError } from '../errors';
@@ -66,6 +67,11 @@ export interface SaveOptions {
   cache?: CacheMode;
   /** I/O engine (default threads, the only one built in). */
   aio?: AioMode;
+  /**
+   * multifd: the channels' pages join the main stream's records here, in
+   * sync-point order (MultifdMerger), before the one SnapshotWriter and ring.
+   */
+  multifd?: MultifdMerger;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -292,7 +298,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
 
   let ok = false;
   try {
-    await pumpAsync(gate, framer, writer, ring);
+    await (opts.multifd ? pumpAsync(gate, framer, opts.multifd, writer, ring) : pumpAsync(gate, framer, writer, ring));
     const image = blockTarget.image;
     if (!image) throw new SaveTargetError('stream ended before its RAM block list');
     const summary = writer.summary();

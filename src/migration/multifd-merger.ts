@@ -1,0 +1,319 @@
+// Main-stream records and multifd channel packets → one record stream, in
+// an order that stores what a QEMU destination would.
+//
+//   main channel ─▶ MigrationFramer ─┐
+//   channel 0 ─▶ MultifdChannelParser ┼─▶ MultifdMerger ─▶ (SnapshotWriter)
+//   channel k ─▶ MultifdChannelParser ┘
+//
+// Why this order is right (QEMU 7.2 ram.c/multifd.c, and 10.0's
+// multifd-nocomp.c): the source sends a page at most once between two sync
+// points, because it only re-reads the dirty bitmap between two iterations
+// and every iteration ends with a sync point (7.2: multifd_send_sync_main and
+// EOS in ram_save_iterate; 10.0 with its own machine types: a sync and
+// MULTIFD_FLUSH when find_dirty_block wraps around the RAM, the only place a
+// new pass begins). A sync point is one SYNC packet on every channel, sent
+// after that channel's earlier pages, then the mark (EOS or MULTIFD_FLUSH)
+// on the main stream. QEMU's destination applies channel pages in threads
+// as they come, but each channel thread stops after its SYNC until the main
+// thread reaches the mark and has seen every channel's SYNC
+// (multifd_recv_sync_main). So, numbering the marks 0, 1, ...: a page a
+// channel carries after its k-th SYNC is applied after every page of every
+// channel before their k-th SYNC and after every main-stream record before
+// mark k; main-stream records after mark k come after every channel's pages
+// before its k-th SYNC. Pages of the same epoch never overlap (sent at most
+// once per epoch), so any order within an epoch gives the same RAM.
+//
+// This stream enforces exactly that: a channel packet of epoch e (SYNCs
+// before it on its channel) is passed on only once the main stream has gone
+// past mark e-1, and mark e is passed on only once every channel has
+// delivered its e-th SYNC; the rest is passed on as it comes. A page re-sent
+// after a sync point thus reaches the writer after its earlier copy, whichever
+// channel carried either. Like QEMU's destination threads, a channel that is
+// a sync point ahead is not read until the main stream catches up, so the
+// socket's own flow control holds it back.
+//
+// Which record is the mark: QEMU 8.0 and later send MULTIFD_FLUSH for sync
+// points unless the machine type asks for one per section (7.2-era types,
+// multifd-flush-after-each-section), and 7.2 only knows EOS. ram_save_setup
+// ends with a sync point either way, and in flush mode it writes
+// MULTIFD_FLUSH before its EOS: the first mark of the stream tells which.
+import { Duplex } from 'streamx';
+import { QemuSnapError } from '../errors';
+import { MultifdChannelParser, MultifdPacketRecord, MultifdRecord } from './multifd';
+import type { FramedRecord, RamBlockInfo, RamPageRunRecord } from './records';
+
+export class MultifdMergeError extends QemuSnapError {}
+
+/** A source of one channel's bytes: a socket, paused until the merger reads it. */
+export interface ChannelSource {
+  on(event: 'data', fn: (chunk: Buffer) => void): unknown;
+  on(event: 'end' | 'close', fn: () => void): unknown;
+  on(event: 'error', fn: (err: Error) => void): unknown;
+  pause(): unknown;
+  resume(): unknown;
+}
+
+interface Channel {
+  /** The number the source gave it (from its init), -1 before. */
+  id: number;
+  source: ChannelSource;
+  /** Bytes that arrived before parsing could start. */
+  prefix: Buffer[];
+  parser: MultifdChannelParser | null;
+  /** A packet of a later epoch than the main stream has reached, not yet passed on. */
+  held: MultifdPacketRecord | null;
+  /** SYNC packets passed on. */
+  syncs: number;
+  /** The channel's bytes ended (cleanly or not). */
+  closed: boolean;
+  /** Closed, and every record of it was read: it can deliver nothing more. */
+  drained: boolean;
+}
+
+type Mark = 'ram-eos' | 'ram-multifd-flush';
+
+export interface MultifdMergerOptions {
+  /** Channels QEMU opens (multifd-channels): every sync point waits for all of them. */
+  channels: number;
+  /** Page size when the stream's configuration does not name one (default 4096). */
+  pageSize?: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+export class MultifdMerger extends Duplex {
+  private readonly expected: number;
+  private readonly channels: Channel[] = [];
+  private pageSize: number;
+  private blocks: Map<string, RamBlockInfo> | null = null;
+  /** Marks the main stream has passed on. */
+  private epoch = 0;
+  private mark: Mark | null = null;
+  /** The main record waiting to be passed on (a mark waiting for SYNCs, or backpressure). */
+  private mainRecord: FramedRecord | null = null;
+  private mainDone: ((err: Error | null) => void) | null = null;
+  /** Offset of the last main record passed on: channel runs carry it (stream bytes before it are done). */
+  private mainOffset = 0;
+  /** push() said the reader is full: wait for _read. */
+  private blocked = false;
+  private stepping = false;
+  private ended = false;
+  /** Pages and SYNC packets passed on from the channels. */
+  packets = 0;
+  pages = 0;
+
+  constructor(opts: MultifdMergerOptions) {
+    super({
+      highWaterMark: 4 << 20,
+      byteLengthReadable: (r: unknown) => ((r as FramedRecord).type === 'ram-page-run' ? (r as RamPageRunRecord).byteLength : 64),
+      byteLengthWritable: (r: unknown) => ((r as FramedRecord).type === 'ram-page-run' ? (r as RamPageRunRecord).byteLength : 64),
+    });
+    if (!Number.isInteger(opts.channels) || opts.channels < 1) throw new RangeError(`multifd channels must be a positive whole number, got ${opts.channels}`);
+    this.expected = opts.channels;
+    this.pageSize = opts.pageSize ?? 4096;
+  }
+
+  /** Channels attached so far. */
+  get attached(): number {
+    return this.channels.length;
+  }
+
+  /**
+   * A multifd channel's connection; `prefix` holds bytes already read from
+   * it (the magic that told it from the main channel). The source is paused
+   * and resumed as the merger needs its data.
+   */
+  addChannel(source: ChannelSource, prefix: Buffer = EMPTY): void {
+    if (this.channels.length >= this.expected) {
+      this.destroy(new MultifdMergeError(`QEMU opened more multifd channels than the ${this.expected} asked for`));
+      return;
+    }
+    const ch: Channel = { id: -1, source, prefix: prefix.length > 0 ? [prefix] : [], parser: null, held: null, syncs: 0, closed: false, drained: false };
+    this.channels.push(ch);
+    source.pause();
+    source.on('data', (chunk) => {
+      if (ch.parser === null) {
+        ch.prefix.push(chunk);
+        source.pause();
+      } else if (!ch.parser.write(chunk)) source.pause();
+    });
+    // 'close' without 'end': reset or destroyed. Either way no more bytes.
+    const onEnd = () => {
+      if (ch.closed) return;
+      ch.closed = true;
+      if (ch.parser === null) ch.drained = true;
+      else ch.parser.end(undefined);
+      this.step();
+    };
+    source.on('end', onEnd);
+    source.on('close', onEnd);
+    source.on('error', (err) => this.fail(new MultifdMergeError(`multifd channel ${this.channels.indexOf(ch) + 1} of ${this.expected}: ${err.message}`)));
+    if (this.blocks !== null) this.startChannel(ch);
+  }
+
+  /** Parsing needs the RAM block list: starts once the main stream's MEM_SIZE passed. */
+  private startChannel(ch: Channel): void {
+    const parser = new MultifdChannelParser({ pageSize: this.pageSize, blockLength: (id) => this.blocks?.get(id)?.length });
+    ch.parser = parser;
+    parser.on('readable', () => this.step());
+    parser.on('drain', () => ch.source.resume());
+    parser.on('end', () => {
+      ch.drained = true;
+      this.step();
+    });
+    parser.on('error', (err: Error) => this.fail(err));
+    for (const chunk of ch.prefix) parser.write(chunk);
+    ch.prefix = [];
+    ch.drained = false;
+    if (ch.closed) parser.end(undefined);
+    else ch.source.resume();
+  }
+
+  override _write(rec: FramedRecord, cb: (err: Error | null) => void): void {
+    this.mainRecord = rec;
+    this.mainDone = cb;
+    this.step();
+  }
+
+  override _read(cb: (err: Error | null) => void): void {
+    this.blocked = false;
+    cb(null);
+    this.step();
+  }
+
+  override _final(cb: (err: Error | null) => void): void {
+    // The main stream is complete (its EOF, and VMDESCRIPTION): every sync
+    // point passed, so every channel page was passed on. QEMU closes the
+    // channels only after it heard our SHUT; a packet with pages still held
+    // here would be one sent after the last sync point, which QEMU never does.
+    this.ended = true;
+    this.step();
+    for (const ch of this.channels) {
+      const held = ch.held ?? (ch.parser?.read() as MultifdRecord | null) ?? null;
+      if (held !== null && held.type === 'multifd-packet' && held.normal.length + held.zero.length > 0) {
+        return cb(new MultifdMergeError(`multifd channel ${held.channel} sent pages after the main stream's last sync point (packet ${held.packetNum})`));
+      }
+    }
+    this.push(null);
+    cb(null);
+  }
+
+  override _destroy(cb: (err: Error | null) => void): void {
+    for (const ch of this.channels) {
+      ch.parser?.destroy();
+      ch.source.pause();
+    }
+    cb(null);
+  }
+
+  private fail(err: Error): void {
+    // After the main stream's end the channels only close: nothing to fail.
+    if (this.ended) return;
+    this.destroy(err);
+  }
+
+  /** Passes on whatever the ordering rule allows, until nothing more can go. */
+  private step(): void {
+    if (this.stepping || this.destroying || this.destroyed) return;
+    this.stepping = true;
+    try {
+      let progress = true;
+      while (progress && !this.blocked) {
+        progress = false;
+        for (const ch of this.channels) if (this.drainChannel(ch)) progress = true;
+        if (this.blocked) break;
+        if (this.mainRecord !== null && this.passMain()) progress = true;
+      }
+    } catch (err) {
+      this.fail(err as Error);
+    } finally {
+      this.stepping = false;
+    }
+  }
+
+  /** Channel packets up to the main stream's epoch; true if any went. */
+  private drainChannel(ch: Channel): boolean {
+    if (ch.parser === null || this.ended) return false;
+    let moved = false;
+    while (!this.blocked) {
+      const rec = ch.held ?? (ch.parser.read() as MultifdRecord | null);
+      if (rec === null) break;
+      if (rec.type === 'multifd-init') {
+        if (this.channels.some((c) => c !== ch && c.id === rec.channel)) throw new MultifdMergeError(`two multifd channels both say they are channel ${rec.channel}`);
+        ch.id = rec.channel;
+        moved = true;
+        continue;
+      }
+      if (rec.epoch > this.epoch) {
+        // A sync point ahead of the main stream: wait for its mark.
+        ch.held = rec;
+        break;
+      }
+      ch.held = null;
+      moved = true;
+      this.packets++;
+      if (rec.sync) ch.syncs++;
+      if (rec.normal.length + rec.zero.length > 0) {
+        this.pages += rec.normal.length + rec.zero.length;
+        if (!this.push(this.toRun(rec))) this.blocked = true;
+      }
+    }
+    return moved;
+  }
+
+  /** The waiting main record, if the ordering rule lets it go; true if it went. */
+  private passMain(): boolean {
+    const rec = this.mainRecord!;
+    if (rec.type === 'ram-mem-size') {
+      this.blocks = new Map(rec.blocks.map((b) => [b.id, b]));
+      for (const ch of this.channels) if (ch.parser === null) this.startChannel(ch);
+    } else if (rec.type === 'configuration' && rec.pageSize !== undefined) {
+      this.pageSize = rec.pageSize;
+    } else if (rec.type === 'ram-eos' || rec.type === 'ram-multifd-flush') {
+      this.mark ??= rec.type;
+      if (rec.type === this.mark && !this.synced()) return false;
+      if (rec.type === this.mark) this.epoch++;
+    }
+    this.mainRecord = null;
+    this.mainOffset = rec.offset;
+    const done = this.mainDone!;
+    this.mainDone = null;
+    // MULTIFD_FLUSH only orders the channels, done here: a single-channel
+    // stream has none, and the image must not depend on the channel count
+    // (the setup section's one would otherwise land in the stored leader).
+    if (rec.type !== 'ram-multifd-flush' && !this.push(rec)) this.blocked = true;
+    done(null);
+    return true;
+  }
+
+  /** Every channel delivered its SYNC for the mark the main stream is at; throws if one never can. */
+  private synced(): boolean {
+    let all = this.channels.length === this.expected;
+    for (const ch of this.channels) {
+      if (ch.syncs > this.epoch) continue;
+      all = false;
+      if (ch.drained && ch.held === null) {
+        throw new MultifdMergeError(`multifd channel ${ch.id < 0 ? `#${this.channels.indexOf(ch) + 1}` : ch.id} closed before sync point ${this.epoch + 1} (${ch.syncs} SYNC packets of the main stream's ${this.epoch + 1})`);
+      }
+    }
+    return all;
+  }
+
+  /** A packet's pages as one page run: data pages first, then zero pages (fill 0). */
+  private toRun(p: MultifdPacketRecord): RamPageRunRecord {
+    const block = this.blocks?.get(p.block);
+    if (block === undefined) throw new MultifdMergeError(`multifd channel ${p.channel}: RAM block "${p.block}" was never announced`);
+    const count = p.normal.length + p.zero.length;
+    const addresses = new Float64Array(count);
+    const dataAt = new Int32Array(count);
+    for (let i = 0; i < p.normal.length; i++) {
+      addresses[i] = p.normal[i];
+      dataAt[i] = i * this.pageSize;
+    }
+    for (let i = 0; i < p.zero.length; i++) {
+      addresses[p.normal.length + i] = p.zero[i];
+      dataAt[p.normal.length + i] = -1;
+    }
+    return { type: 'ram-page-run', offset: this.mainOffset, block, count, addresses, dataAt, source: p.data, continued: true, byteLength: p.data.length + 64 };
+  }
+}
