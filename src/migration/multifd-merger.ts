@@ -79,8 +79,6 @@ export interface MultifdMergerOptions {
   pageSize?: number;
 }
 
-const EMPTY = Buffer.alloc(0);
-
 export class MultifdMerger extends Duplex {
   private readonly expected: number;
   private readonly channels: Channel[] = [];
@@ -119,16 +117,15 @@ export class MultifdMerger extends Duplex {
   }
 
   /**
-   * A multifd channel's connection; `prefix` holds bytes already read from
-   * it (the magic that told it from the main channel). The source is paused
-   * and resumed as the merger needs its data.
+   * A multifd channel's connection, from its first byte. The source is
+   * paused and resumed as the merger needs its data.
    */
-  addChannel(source: ChannelSource, prefix: Buffer = EMPTY): void {
+  addChannel(source: ChannelSource): void {
     if (this.channels.length >= this.expected) {
       this.destroy(new MultifdMergeError(`QEMU opened more multifd channels than the ${this.expected} asked for`));
       return;
     }
-    const ch: Channel = { id: -1, source, prefix: prefix.length > 0 ? [prefix] : [], parser: null, held: null, syncs: 0, closed: false, drained: false };
+    const ch: Channel = { id: -1, source, prefix: [], parser: null, held: null, syncs: 0, closed: false, drained: false };
     this.channels.push(ch);
     source.pause();
     source.on('data', (chunk) => {

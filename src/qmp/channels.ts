@@ -20,10 +20,10 @@ export interface ChannelListener {
   /** The socket's path, for `migrate unix:PATH`. */
   path: string;
   /**
-   * Every connection once its kind is known, paused, with the bytes read to
-   * tell it (`prefix`, to be handed on with it).
+   * Every connection once its kind is known, paused; the bytes read to tell
+   * it are put back (unshift): its 'data' events start from its first byte.
    */
-  onChannel(fn: (socket: net.Socket, kind: ChannelKind, prefix: Buffer) => void): void;
+  onChannel(fn: (socket: net.Socket, kind: ChannelKind) => void): void;
   /** A connection that is neither kind, or a failure of the listener. */
   onError(fn: (err: Error) => void): void;
   /** Stops listening, destroys every connection and removes the directory. */
@@ -35,7 +35,7 @@ export async function listenPrivate(): Promise<ChannelListener> {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'qemu-snap-mig-'));
   const sockPath = path.join(dir, 'migration.sock');
   const sockets = new Set<net.Socket>();
-  let channelFn: ((socket: net.Socket, kind: ChannelKind, prefix: Buffer) => void) | null = null;
+  let channelFn: ((socket: net.Socket, kind: ChannelKind) => void) | null = null;
   let errorFn: ((err: Error) => void) | null = null;
   let count = 0;
   const server = net.createServer((socket) => {
@@ -60,7 +60,8 @@ export async function listenPrivate(): Promise<ChannelListener> {
         errorFn?.(new MigrationChannelError(`connection ${n} to the migration socket starts with 0x${magic.toString(16).padStart(8, '0')}: neither a migration stream (QEVM) nor a multifd channel`));
         return;
       }
-      channelFn?.(socket, kind, prefix);
+      socket.unshift(prefix);
+      channelFn?.(socket, kind);
     };
     socket.on('data', onData);
   });

@@ -70,7 +70,11 @@ export interface QmpSaveOptions {
    * with multifd.
    */
   channels?: number;
-  /** Sees each accepted migration connection (monitoring; fault tests close one). */
+  /**
+   * Sees each accepted migration connection before qemu-snap reads it
+   * (paused; its 'data' events start from its first byte): monitoring, and
+   * tests that capture the channels or close one.
+   */
   onChannel?(socket: net.Socket, kind: ChannelKind): void;
 }
 
@@ -187,9 +191,9 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
           m.destroy(err);
           if (main === null) reject(err);
         });
-        l.onChannel((socket, kind, prefix) => {
+        l.onChannel((socket, kind) => {
           opts.onChannel?.(socket, kind);
-          if (kind === 'multifd') return m.addChannel(socket, prefix);
+          if (kind === 'multifd') return m.addChannel(socket);
           if (main !== null) {
             socket.destroy();
             m.destroy(new QemuSnapError('QEMU connected a second main migration channel'));
@@ -197,7 +201,6 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
           }
           main = socket;
           stopSave.signal.removeEventListener('abort', onAbort);
-          socket.unshift(prefix);
           resolve({ stream: socket, returnPath: socket });
         });
       });
