@@ -195,6 +195,18 @@ export class MultifdMerger extends Duplex {
     cb(null);
   }
 
+  /**
+   * streamx finishes destroying only once no _write is pending, and a main
+   * record waiting at a sync point would wait forever: let it go.
+   */
+  override destroy(err?: Error | null): void {
+    super.destroy(err ?? undefined);
+    const done = this.mainDone;
+    this.mainDone = null;
+    this.mainRecord = null;
+    done?.(null);
+  }
+
   override _destroy(cb: (err: Error | null) => void): void {
     for (const ch of this.channels) {
       ch.parser?.destroy();
