@@ -11,7 +11,7 @@ import { startVm, requireQemu, makePattern, diffRanges, linuxGuestVm, waitForTic
 import { CLI, runCli, snapExec, tempDir, isOneLineError, CliResult } from './common';
 import { shellQuote } from './lib';
 import { openSnapshot } from '../../src/snapshot/snapshot-image';
-import { saveViaQmp } from '../../src/qmp/save';
+import { saveViaQmp, QmpSaveError } from '../../src/qmp/save';
 import type { ChannelKind } from '../../src/qmp/channels';
 import * as net from 'node:net';
 
@@ -200,6 +200,121 @@ test('a live Linux guest saved over 2 channels while it dirties memory: load res
   const vsSource = differsOutsideBios(srcDump, snapDump);
   if (vsSource) console.log(`  (restored vs stopped source differ at ${vsSource.split(', ').length} ranges; QEMU's own restore is the oracle)`);
   assert.is(differsOutsideBios(qemuDump, snapDump), null, 'qemu-snap restores the memory QEMU restores from the same channels');
+});
+
+/** A running firmware VM (KVM when usable) whose save over 2 channels, throttled to 32 MiB/s, takes seconds. */
+async function throttledSource(sock: string, name: string): Promise<Vm> {
+  return startVm(withSnapQmp({ memMiB: MEM_MIB, paused: false, loads: [{ file: pattern, addr: PAT_ADDR }], name }, sock));
+}
+
+/** After a failed save: the source runs on with its settings, nothing is left in `imageDir` or the temp dir. */
+async function assertUntouched(vm: Vm, before: unknown, imageDir: string, tmpBefore: string[]): Promise<void> {
+  assert.is((await vm.queryStatus()).status, 'running', 'the source runs on');
+  assert.equal(await settings(vm), before, 'capabilities and parameters as they were');
+  const mig = await vm.queryMigrate();
+  assert.ok(mig.status === 'cancelled' || mig.status === 'failed', `migration ${mig.status}`);
+  assert.equal(fs.readdirSync(imageDir), [], 'nothing left beside the image');
+  assert.equal(privateDirs(), tmpBefore, 'the private socket directory is removed');
+}
+
+test('a multifd channel closed mid-save: the save fails, the source runs on with its settings, nothing left behind', async () => {
+  const sock = snapSocket();
+  const imageDir = path.join(dir, 'closed-channel');
+  fs.mkdirSync(imageDir);
+  const tmpBefore = privateDirs();
+  const vm = await throttledSource(sock, 'multifd-closed');
+  try {
+    const before = await settings(vm);
+    let closed = false;
+    const err = await saveViaQmp(sock, path.join(imageDir, 'vm.qcow2'), {
+      channels: 2,
+      maxBandwidth: 32 << 20,
+      onChannel: (socket, kind) => {
+        if (kind !== 'multifd' || closed) return;
+        let seen = 0;
+        socket.on('data', (b: Buffer) => {
+          seen += b.length;
+          if (seen > 8 << 20 && !closed) {
+            closed = true;
+            socket.destroy();
+          }
+        });
+      },
+    }).then(
+      () => null,
+      (e: Error) => e,
+    );
+    assert.ok(closed, 'a channel was closed after 8 MiB');
+    assert.ok(err instanceof QmpSaveError, `the save failed: ${String(err)}`);
+    // QEMU's write to the closed socket fails first (7.2 and 10.0: "Unable to
+    // write to socket: Broken pipe"), or our merger finds the channel gone.
+    assert.match(err.message, /^(QEMU reports the migration failed: .*; no image was kept|qemu-snap failed: .*multifd channel .*; QEMU's migration cancelled, no image written)$/);
+    await assertUntouched(vm, before, imageDir, tmpBefore);
+  } finally {
+    await vm.stop();
+  }
+});
+
+/** Runs the CLI and sends SIGINT after `afterMs`. */
+function cliWithSigint(args: string[], afterMs: number): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (t: string) => (stderr += t));
+    const sigint = setTimeout(() => child.kill('SIGINT'), afterMs);
+    const hung = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`qemu-snap ${args.join(' ')} hung after SIGINT: ${stderr}`));
+    }, afterMs + 30_000);
+    child.on('close', (code) => {
+      clearTimeout(sigint);
+      clearTimeout(hung);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+test('SIGINT during a save over 4 channels: exit 1 at once, the source runs on with its settings, nothing left behind', async () => {
+  const sock = snapSocket();
+  const imageDir = path.join(dir, 'sigint');
+  fs.mkdirSync(imageDir);
+  const tmpBefore = privateDirs();
+  const vm = await throttledSource(sock, 'multifd-sigint');
+  try {
+    const before = await settings(vm);
+    const r = await cliWithSigint(['save', '--qmp', sock, '--channels', '4', '--max-bandwidth', '32M', path.join(imageDir, 'vm.qcow2')], 1500);
+    assert.is(r.code, 1, r.stderr);
+    assert.ok(isOneLineError(r.stderr), r.stderr);
+    assert.match(r.stderr, /save interrupted \(SIGINT\)/);
+    await assertUntouched(vm, before, imageDir, tmpBefore);
+  } finally {
+    await vm.stop();
+  }
+});
+
+test('compressed multifd is refused by name before QEMU is touched; --background stays on one channel and says so', async () => {
+  const sock = snapSocket();
+  const vm = await startVm(withSnapQmp({ memMiB: 64, paused: false, name: 'multifd-refusals' }, sock));
+  try {
+    await vm.qmp.execute('migrate-set-parameters', { 'multifd-compression': 'zlib' });
+    const before = await settings(vm);
+    const image = path.join(dir, 'zlib.qcow2');
+    const r = await runCli(['save', '--qmp', sock, '--channels', '2', image]);
+    assert.is(r.code, 1, r.stderr);
+    assert.ok(isOneLineError(r.stderr), r.stderr);
+    assert.match(r.stderr, /multifd-compression is zlib on this QEMU: .*QEMU was not touched/);
+    assert.equal(await settings(vm), before);
+    assert.is((await vm.queryMigrate()).status, undefined, 'no migration was started');
+    assert.not.ok(fs.existsSync(image));
+    const bg = await runCli(['save', '--qmp', sock, '--background', '--channels', '4', path.join(dir, 'bg.qcow2')]);
+    assert.match(bg.stderr, /--background saves over one channel \(QEMU cannot combine background-snapshot with multifd\): --channels 4 ignored/);
+    assert.equal(await settings(vm), before, 'settings put back after the background save');
+    const caps = (await vm.qmp.execute('query-migrate-capabilities')) as Array<{ capability: string; state: boolean }>;
+    assert.is(caps.find((c) => c.capability === 'multifd')?.state, false);
+  } finally {
+    await vm.stop();
+  }
 });
 
 test.run();
