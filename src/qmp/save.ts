@@ -141,7 +141,7 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     throw new QmpSaveError('qemu', 'this QEMU has no background-snapshot capability');
   }
   const channels = mode === 'background' ? 1 : opts.channels ?? 1;
-  if (!Number.isInteger(channels) || channels < 1 || channels > 255) throw new QmpSaveError('qemu-snap', `--channels ${channels}: must be a whole number from 1 to 255; QEMU was not touched`);
+  if (!Number.isInteger(channels) || channels < 1 || channels > 64) throw new QmpSaveError('qemu-snap', `--channels ${channels}: must be a whole number from 1 to 64; QEMU was not touched`);
   const multifd = channels > 1;
   const params: Record<string, number> = { 'max-bandwidth': Math.round(opts.maxBandwidth ?? DEFAULT_BANDWIDTH) };
   if (multifd) {
@@ -310,6 +310,10 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     if (migrating) await cancel(qmp).catch(() => undefined);
   } finally {
     opts.signal?.removeEventListener('abort', onOuterAbort);
+    // Our ends of the channels first: a multifd thread of QEMU blocked
+    // writing to a channel we stopped reading holds a cancelled migration
+    // in `cancelling` (seen on 7.2) until the socket goes.
+    await listener?.close().catch(() => undefined);
     if (!qmp.closed) {
       // Put things back even after a failure; a failure to do so is reported.
       try {
@@ -332,7 +336,6 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         // already closed
       }
     }
-    await listener?.close().catch(() => undefined);
   }
   if (failure || !result) throw failure ?? new QmpSaveError('qemu-snap', 'save ended without a result');
   return result;
