@@ -60,8 +60,8 @@ interface Channel {
   /** Bytes that arrived before parsing could start. */
   prefix: Buffer[];
   parser: MultifdChannelParser | null;
-  /** A packet of a later epoch than the main stream has reached, not yet passed on. */
-  held: MultifdPacketRecord | null;
+  /** The channel's next packet, read and not yet passed on (it may be of a later epoch than the main stream's). */
+  head: MultifdPacketRecord | null;
   /** SYNC packets passed on. */
   syncs: number;
   /** The channel's bytes ended (cleanly or not). */
@@ -125,7 +125,7 @@ export class MultifdMerger extends Duplex {
       this.destroy(new MultifdMergeError(`QEMU opened more multifd channels than the ${this.expected} asked for`));
       return;
     }
-    const ch: Channel = { id: -1, source, prefix: [], parser: null, held: null, syncs: 0, closed: false, drained: false };
+    const ch: Channel = { id: -1, source, prefix: [], parser: null, head: null, syncs: 0, closed: false, drained: false };
     this.channels.push(ch);
     source.pause();
     source.on('data', (chunk) => {
@@ -186,9 +186,9 @@ export class MultifdMerger extends Duplex {
     this.ended = true;
     this.step();
     for (const ch of this.channels) {
-      const held = ch.held ?? (ch.parser?.read() as MultifdRecord | null) ?? null;
-      if (held !== null && held.type === 'multifd-packet' && held.normal.length + held.zero.length > 0) {
-        return cb(new MultifdMergeError(`multifd channel ${held.channel} sent pages after the main stream's last sync point (packet ${held.packetNum})`));
+      const head = ch.parser ? this.fillHead(ch) : null;
+      if (head !== null && head.normal.length + head.zero.length > 0) {
+        return cb(new MultifdMergeError(`multifd channel ${head.channel} sent pages after the main stream's last sync point (packet ${head.packetNum})`));
       }
     }
     this.push(null);
@@ -228,8 +228,7 @@ export class MultifdMerger extends Duplex {
     try {
       let progress = true;
       while (progress && !this.blocked) {
-        progress = false;
-        for (const ch of this.channels) if (this.drainChannel(ch)) progress = true;
+        progress = this.drainChannels();
         if (this.blocked) break;
         if (this.mainRecord !== null && this.passMain()) progress = true;
       }
@@ -240,31 +239,50 @@ export class MultifdMerger extends Duplex {
     }
   }
 
-  /** Channel packets up to the main stream's epoch; true if any went. */
-  private drainChannel(ch: Channel): boolean {
-    if (ch.parser === null || this.ended) return false;
-    let moved = false;
-    while (!this.blocked) {
-      const rec = ch.held ?? (ch.parser.read() as MultifdRecord | null);
+  /** The channel's next packet (reading past its init), or null while none has arrived. */
+  private fillHead(ch: Channel): MultifdPacketRecord | null {
+    while (ch.head === null && ch.parser !== null) {
+      const rec = ch.parser.read() as MultifdRecord | null;
       if (rec === null) break;
       if (rec.type === 'multifd-init') {
         if (this.channels.some((c) => c !== ch && c.id === rec.channel)) throw new MultifdMergeError(`two multifd channels both say they are channel ${rec.channel}`);
         ch.id = rec.channel;
-        moved = true;
-        continue;
+      } else {
+        ch.head = rec;
       }
-      if (rec.epoch > this.epoch) {
+    }
+    return ch.head;
+  }
+
+  /**
+   * Channel packets up to the main stream's epoch, lowest packet number
+   * first among those that arrived: QEMU numbers packets across channels in
+   * the order it filled them, ascending through RAM, so the writes stay in
+   * address order and each digest chunk is hashed as it is written instead
+   * of read back at the end. True if any went.
+   */
+  private drainChannels(): boolean {
+    let moved = false;
+    while (!this.blocked && !this.ended) {
+      let best: MultifdPacketRecord | null = null;
+      let from: Channel | null = null;
+      for (const ch of this.channels) {
+        const head = this.fillHead(ch);
         // A sync point ahead of the main stream: wait for its mark.
-        ch.held = rec;
-        break;
+        if (head === null || head.epoch > this.epoch) continue;
+        if (best === null || head.packetNum < best.packetNum) {
+          best = head;
+          from = ch;
+        }
       }
-      ch.held = null;
+      if (best === null || from === null) break;
+      from.head = null;
       moved = true;
       this.packets++;
-      if (rec.sync) ch.syncs++;
-      if (rec.normal.length + rec.zero.length > 0) {
-        this.pages += rec.normal.length + rec.zero.length;
-        if (!this.push(this.toRun(rec))) this.blocked = true;
+      if (best.sync) from.syncs++;
+      if (best.normal.length + best.zero.length > 0) {
+        this.pages += best.normal.length + best.zero.length;
+        if (!this.push(this.toRun(best))) this.blocked = true;
       }
     }
     return moved;
@@ -301,7 +319,7 @@ export class MultifdMerger extends Duplex {
     for (const ch of this.channels) {
       if (ch.syncs > this.epoch) continue;
       all = false;
-      if (ch.drained && ch.held === null) {
+      if (ch.drained && ch.head === null) {
         throw new MultifdMergeError(`multifd channel ${ch.id < 0 ? `#${this.channels.indexOf(ch) + 1}` : ch.id} closed before sync point ${this.epoch + 1} (${ch.syncs} SYNC packets of the main stream's ${this.epoch + 1})`);
       }
     }
