@@ -100,7 +100,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
   const maxBandwidth = bw === undefined ? undefined : parseSize(bw, '--max-bandwidth');
   if (maxBandwidth === 0) throw new UsageError('--max-bandwidth: must be more than 0');
   const ch = one(args.channels, '--channels');
-  if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 255)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 255`);
+  if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 64)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 64`);
   let channels = ch === undefined ? 1 : Number(ch);
   if (args.background && channels > 1) {
     // QEMU refuses background-snapshot together with multifd.
@@ -128,7 +128,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
     if (!quiet) {
       const m = r.migration;
       process.stderr.write(
-        `qemu-snap: saved ${r.imagePath} over QMP in ${Math.round(r.wallMs)} ms (QEMU total-time ${m['total-time'] ?? '?'} ms, downtime ${m.downtime ?? '?'} ms): ${r.dataPages} data pages, ${formatBytes(r.streamBytes)} of stream; the VM is ${r.runState.status}\n`,
+        `qemu-snap: saved ${r.imagePath} over QMP${channels > 1 ? ` (${channels} multifd channels)` : ''} in ${Math.round(r.wallMs)} ms (QEMU total-time ${m['total-time'] ?? '?'} ms, downtime ${m.downtime ?? '?'} ms): ${r.dataPages} data pages, ${formatBytes(r.streamBytes)} of stream; the VM is ${r.runState.status}\n`,
       );
     }
   } catch (err) {
