@@ -99,6 +99,8 @@ export class MultifdMerger extends Duplex {
   /** Pages and SYNC packets passed on from the channels. */
   packets = 0;
   pages = 0;
+  /** Bytes received on the channels. */
+  channelBytes = 0;
 
   constructor(opts: MultifdMergerOptions) {
     super({
@@ -129,6 +131,7 @@ export class MultifdMerger extends Duplex {
     this.channels.push(ch);
     source.pause();
     source.on('data', (chunk) => {
+      this.channelBytes += chunk.length;
       if (ch.parser === null) {
         ch.prefix.push(chunk);
         source.pause();

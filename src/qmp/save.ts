@@ -244,7 +244,8 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
       quietMs: 50,
       signal: stopSave.signal,
       onProgress: (bytes, pages) => {
-        streamBytes = bytes;
+        // The main stream's bytes and, with multifd, the channels'.
+        streamBytes = bytes + (merger?.channelBytes ?? 0);
         pageRecords = pages;
         report();
       },
@@ -302,7 +303,7 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         // for us: the image may still be finishing.
         const s = await saved;
         if (!s.ok) failure = sideError(s.err, opts.signal, true);
-        else result = { ...s.r, migration: q.i, runState: before, wallMs: performance.now() - t0 };
+        else result = { ...s.r, streamBytes: s.r.streamBytes + (merger?.channelBytes ?? 0), migration: q.i, runState: before, wallMs: performance.now() - t0 };
       }
     }
   } catch (err) {

@@ -77,7 +77,9 @@ for (const channels of [1, 2, 4]) {
       const before = await settings(src);
       const r = await runCli(['save', '--qmp', sock, '--channels', String(channels), image], { timeoutMs: 120_000 });
       assert.is(r.code, 0, r.stderr);
-      assert.match(r.stderr, /saved .* over QMP/);
+      assert.match(r.stderr, channels > 1 ? new RegExp(`saved .* over QMP \\(${channels} multifd channels\\)`) : /saved .* over QMP in/);
+      const streamMiB = Number(/ ([\d.]+) MiB of stream/.exec(r.stderr)?.[1] ?? 0);
+      assert.ok(streamMiB >= PAT_SIZE / (1 << 20), `the stream size counts the channels' bytes: ${r.stderr}`);
       assert.equal(await settings(src), before, 'capabilities and parameters as they were');
       assert.is((await src.queryStatus()).running, false, 'a paused VM stays paused');
       const mig = await src.queryMigrate();
