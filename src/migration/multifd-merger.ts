@@ -258,27 +258,44 @@ export class MultifdMerger extends Duplex {
   }
 
   /**
-   * Channel packets up to the main stream's epoch, lowest packet number
-   * first among those that arrived: QEMU numbers packets across channels in
-   * the order it filled them, ascending through RAM, so the writes stay in
-   * address order and each digest chunk is hashed as it is written instead
-   * of read back at the end. True if any went.
+   * Channel packets up to the main stream's epoch, merged by RAM address.
+   * Within an epoch QEMU scans RAM upwards once (7.2: an iteration has one
+   * dirty bitmap; 10.0: an epoch is one pass, the sync comes where the scan
+   * wraps) and hands each packet to whichever channel is free, so each
+   * channel's packets ascend; a k-way merge of the channels' heads keeps the
+   * writes in address order, and each digest chunk is then hashed as it is
+   * written instead of read back at the end. Only a matter of speed: pages
+   * of one epoch never overlap. A live channel with nothing read yet that
+   * still owes this epoch's SYNC is waited for: QEMU gives the next packet
+   * to a free channel, so it gets one, or its SYNC, while the others are
+   * held. True if any went.
    */
   private drainChannels(): boolean {
     let moved = false;
     while (!this.blocked && !this.ended) {
       let best: MultifdPacketRecord | null = null;
+      let bestKey = 0;
       let from: Channel | null = null;
+      let waiting = false;
       for (const ch of this.channels) {
         const head = this.fillHead(ch);
+        if (head === null) {
+          // Live and still owing this epoch's SYNC: its next packet may come first.
+          if (ch.parser !== null && !ch.drained && ch.syncs <= this.epoch) waiting = true;
+          continue;
+        }
         // A sync point ahead of the main stream: wait for its mark.
-        if (head === null || head.epoch > this.epoch) continue;
-        if (best === null || head.packetNum < best.packetNum) {
+        if (head.epoch > this.epoch) continue;
+        const key = this.addressKey(head);
+        if (best === null || key < bestKey) {
           best = head;
+          bestKey = key;
           from = ch;
         }
       }
       if (best === null || from === null) break;
+      // A SYNC (no pages) goes at once; pages wait until every live channel shows its next.
+      if (waiting && bestKey >= 0) break;
       from.head = null;
       moved = true;
       this.packets++;
@@ -289,6 +306,13 @@ export class MultifdMerger extends Duplex {
       }
     }
     return moved;
+  }
+
+  /** Where a packet's first page lies, for the merge: -1 for one without pages (a SYNC). */
+  private addressKey(p: MultifdPacketRecord): number {
+    const first = p.normal.length > 0 ? p.normal[0] : p.zero.length > 0 ? p.zero[0] : -1;
+    if (first < 0) return -1;
+    return (this.blocks?.get(p.block)?.index ?? 0) * 2 ** 42 + first;
   }
 
   /** The waiting main record, if the ordering rule lets it go; true if it went. */

@@ -96,6 +96,29 @@ test('a page re-sent after a sync point wins, though its channel delivered first
   assert.is(m.pages, 3);
 });
 
+test('packets of one epoch are merged by address across channels, whichever channel delivered first', async () => {
+  const m = new MultifdMerger({ channels: 2 });
+  const order: number[] = [];
+  const { done } = collect(m);
+  m.on('data', (r: unknown) => {
+    const rec = r as FramedRecord;
+    if (rec.type === 'ram-page-run') order.push(rec.addresses[0] / PAGE);
+  });
+  const a = new FakeChannel();
+  const b = new FakeChannel();
+  m.addChannel(a);
+  m.addChannel(b);
+  m.write(memSize);
+  m.write(eos(100));
+  b.feed(Buffer.concat([init(1), packet({ flags: SYNC }), ...[1, 3, 4].map((p) => packet({ block: 'pc.ram', normal: [p * PAGE] })), packet({ flags: SYNC })]));
+  await tick();
+  a.feed(Buffer.concat([init(0), packet({ flags: SYNC }), ...[0, 2, 5].map((p) => packet({ block: 'pc.ram', normal: [p * PAGE] })), packet({ flags: SYNC })]));
+  m.write(eos(200));
+  m.end(undefined);
+  await done;
+  assert.equal(order, [0, 1, 2, 3, 4, 5]);
+});
+
 test('MULTIFD_FLUSH marks sync points when the stream has them (first mark decides), and is not passed on', async () => {
   const m = new MultifdMerger({ channels: 1 });
   const types: string[] = [];
