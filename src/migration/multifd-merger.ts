@@ -26,7 +26,9 @@
 // This stream enforces exactly that: a channel packet of epoch e (SYNCs
 // before it on its channel) is passed on only once the main stream has gone
 // past mark e-1, and mark e is passed on only once every channel has
-// delivered its e-th SYNC; the rest is passed on as it comes. A page re-sent
+// delivered its e-th SYNC; main records between marks go as they come, and
+// the channels' packets of one epoch go merged by address (for the write
+// order only: see drainChannels). A page re-sent
 // after a sync point thus reaches the writer after its earlier copy, whichever
 // channel carried either. Like QEMU's destination threads, a channel that is
 // a sync point ahead is not read until the main stream catches up, so the
