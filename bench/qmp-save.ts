@@ -1,7 +1,9 @@
 // save --qmp against `migrate "exec:qemu-snap save"` and `exec:cat > FILE` on
 // the same running VM (KVM, 2 GiB holding 1 GiB of random data; --quick:
 // 512 MiB / 256 MiB), alternating, best of N. Usage:
-//   node dist/bench/qmp-save.js [--quick] [--runs N] [--dir TMPDIR]
+//   node dist/bench/qmp-save.js [--quick] [--runs N] [--dir TMPDIR] [--channels 1,2,4]
+// The save --qmp rows run once per --channels value (multifd for N > 1),
+// with the peak RSS of qemu-snap when /usr/bin/time is there.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -12,7 +14,10 @@ import { startVm, makePattern, requireQemu, shellQuote } from '../test/e2e/lib';
 const CLI = path.resolve(__dirname, '..', 'cli', 'qemu-snap.js');
 
 async function main(): Promise<void> {
-  const args = minimist(process.argv.slice(2), { boolean: ['quick'], string: ['runs', 'dir'] });
+  const args = minimist(process.argv.slice(2), { boolean: ['quick'], string: ['runs', 'dir', 'channels'] });
+  const channelCounts = String(args.channels ?? '1,2,4').split(',').map(Number);
+  const timeBin = fs.existsSync('/usr/bin/time') ? '/usr/bin/time' : null;
+  const rss: Record<string, number> = {};
   const runs = Number(args.runs ?? 3);
   const memMiB = args.quick ? 512 : 2048;
   const dataMiB = args.quick ? 256 : 1024;
@@ -32,11 +37,18 @@ async function main(): Promise<void> {
     for (let i = 0; i < runs; i++) {
       const image = path.join(dir, 'vm.qcow2');
       let t = performance.now();
-      const r = spawnSync(process.execPath, [CLI, 'save', '--force', '--qmp', sock, image], { encoding: 'utf8' });
-      const wall = performance.now() - t;
-      if (r.status !== 0) throw new Error(`save --qmp: ${r.stderr}`);
-      keep('save --qmp', wall, (await vm.queryMigrate())['total-time'] ?? -1);
-      fs.rmSync(image, { force: true });
+      for (const n of channelCounts) {
+        const name = `save --qmp --channels ${n}`;
+        const cmd = [CLI, 'save', '--force', '--channels', String(n), '--qmp', sock, image];
+        t = performance.now();
+        const r = timeBin ? spawnSync(timeBin, ['-f', 'qemu-snap-peak-rss-kb %M', process.execPath, ...cmd], { encoding: 'utf8' }) : spawnSync(process.execPath, cmd, { encoding: 'utf8' });
+        const wall = performance.now() - t;
+        if (r.status !== 0) throw new Error(`${name}: ${r.stderr}`);
+        keep(name, wall, (await vm.queryMigrate())['total-time'] ?? -1);
+        const kb = Number(/qemu-snap-peak-rss-kb (\d+)/.exec(r.stderr)?.[1] ?? 0);
+        rss[name] = Math.max(rss[name] ?? 0, kb);
+        fs.rmSync(image, { force: true });
+      }
 
       t = performance.now();
       const m = await vm.migrate(`exec:${shellQuote(process.execPath)} ${shellQuote(CLI)} save -q ${shellQuote(image)}`);
@@ -81,7 +93,10 @@ async function main(): Promise<void> {
     fs.rmSync(dir, { recursive: true, force: true });
   }
   console.log(`running KVM VM, ${memMiB} MiB with ${dataMiB} MiB of random data, best of ${runs} (wall: command start to exit, or to completed; the exec: save rows have max-bandwidth raised by the harness; the exec: load row includes QEMU's start-up):`);
-  for (const [name, b] of Object.entries(best)) console.log(`  ${name.padEnd(30)} wall ${b.wall.toFixed(0)} ms  QEMU total-time ${b.total} ms`);
+  for (const [name, b] of Object.entries(best)) {
+    const peak = rss[name] ? `  peak RSS ${(rss[name] / 1024).toFixed(0)} MiB` : '';
+    console.log(`  ${name.padEnd(30)} wall ${b.wall.toFixed(0)} ms  QEMU total-time ${b.total} ms${peak}`);
+  }
 }
 
 main().catch((err: Error) => {

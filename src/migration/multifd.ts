@@ -116,7 +116,12 @@ export class MultifdChannelParser extends Transform {
   private failed = false;
 
   constructor(opts: MultifdChannelParserOptions) {
-    super();
+    // Parsed packets waiting to be read count by their data: about two
+    // packets per channel, whatever the number of channels.
+    super({
+      highWaterMark: 1 << 20,
+      byteLengthReadable: (r: unknown) => ((r as MultifdRecord).type === 'multifd-packet' ? (r as MultifdPacketRecord).data.length + MULTIFD_HEADER_SIZE : 64),
+    });
     const pageSize = opts.pageSize ?? 4096;
     if (!Number.isInteger(pageSize) || pageSize < 512 || pageSize > MULTIFD_PACKET_BYTES || (pageSize & (pageSize - 1)) !== 0) {
       throw new RangeError(`multifd page size ${pageSize} is not a power of two from 512 to 512 KiB`);

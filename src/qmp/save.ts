@@ -15,6 +15,9 @@ import { QemuSnapError } from '../errors';
 import { FdReader } from '../util/fd-reader';
 import { FdWriter } from '../util/fd-writer';
 import { saveSnapshot, SaveResult } from '../snapshot/save';
+import { MultifdMerger } from '../migration/multifd-merger';
+import { ChannelKind, ChannelListener, listenPrivate } from './channels';
+import type * as net from 'node:net';
 import { QmpClient, QmpConnectOptions, QmpError } from './client';
 import { MigrationInfo, MigrationSettings, RunState, closeFd, isInProgress, isTerminal, passFd, socketPair, waitMigration } from './migration';
 
@@ -60,6 +63,19 @@ export interface QmpSaveOptions {
   onProgress?(p: QmpSaveProgress): void;
   /** Connection options when a socket path is given. */
   connect?: QmpConnectOptions;
+  /**
+   * Migration channels (default 1: one stream over a socketpair). More turns
+   * on QEMU's multifd with multifd-channels N over a unix socket of ours;
+   * ignored (one channel) for background mode, which QEMU cannot combine
+   * with multifd.
+   */
+  channels?: number;
+  /**
+   * Sees each accepted migration connection before qemu-snap reads it
+   * (paused; its 'data' events start from its first byte): monitoring, and
+   * tests that capture the channels or close one.
+   */
+  onChannel?(socket: net.Socket, kind: ChannelKind): void;
 }
 
 export interface QmpSaveResult extends SaveResult {
@@ -124,10 +140,24 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
   if (mode === 'background' && !('background-snapshot' in (await settings.capabilities()))) {
     throw new QmpSaveError('qemu', 'this QEMU has no background-snapshot capability');
   }
+  const channels = mode === 'background' ? 1 : opts.channels ?? 1;
+  if (!Number.isInteger(channels) || channels < 1 || channels > 64) throw new QmpSaveError('qemu-snap', `--channels ${channels}: must be a whole number from 1 to 64; QEMU was not touched`);
+  const multifd = channels > 1;
   const params: Record<string, number> = { 'max-bandwidth': Math.round(opts.maxBandwidth ?? DEFAULT_BANDWIDTH) };
+  if (multifd) {
+    if (!('multifd' in (await settings.capabilities()))) throw new QmpSaveError('qemu', 'this QEMU has no multifd capability: use --channels 1');
+    const current = await settings.parameters();
+    const compression = current['multifd-compression'];
+    if (compression !== undefined && compression !== 'none') {
+      throw new QmpSaveError('qemu', `multifd-compression is ${String(compression)} on this QEMU: qemu-snap takes only uncompressed multifd channels (set multifd-compression none, or use --channels 1); QEMU was not touched`);
+    }
+    caps.multifd = true;
+    params['multifd-channels'] = channels;
+  }
   if (opts.downtimeLimitMs !== undefined) params['downtime-limit'] = opts.downtimeLimitMs;
 
   let ours = -1;
+  let listener: ChannelListener | null = null;
   let fdName: string | null = null;
   let migrating = false;
   let stoppedByUs = false;
@@ -145,9 +175,47 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
       await qmp.execute('stop');
       stoppedByUs = true;
     }
-    const pair = socketPair();
-    ours = pair[0];
-    fdName = await passFd(qmp, pair[1]);
+    let uri: string;
+    let input: Promise<{ stream: NodeJS.ReadableStream; returnPath: NodeJS.WritableStream }>;
+    let merger: MultifdMerger | undefined;
+    if (multifd) {
+      // QEMU connects the main channel and N multifd channels to our socket.
+      const l = (listener = await listenPrivate());
+      const m = (merger = new MultifdMerger({ channels, pageSize: opts.pageSize }));
+      uri = `unix:${l.path}`;
+      input = new Promise((resolve, reject) => {
+        let main: net.Socket | null = null;
+        const onAbort = () => reject(stopSave.signal.reason instanceof Error ? stopSave.signal.reason : new QemuSnapError(String(stopSave.signal.reason ?? 'aborted')));
+        stopSave.signal.addEventListener('abort', onAbort, { once: true });
+        l.onError((err) => {
+          m.destroy(err);
+          if (main === null) reject(err);
+        });
+        l.onChannel((socket, kind) => {
+          opts.onChannel?.(socket, kind);
+          if (kind === 'multifd') return m.addChannel(socket);
+          if (main !== null) {
+            socket.destroy();
+            m.destroy(new QemuSnapError('QEMU connected a second main migration channel'));
+            return;
+          }
+          main = socket;
+          stopSave.signal.removeEventListener('abort', onAbort);
+          resolve({ stream: socket, returnPath: socket });
+        });
+      });
+    } else {
+      const pair = socketPair();
+      ours = pair[0];
+      fdName = await passFd(qmp, pair[1]);
+      uri = `fd:${fdName}`;
+      // FdReader holds a partial chunk back while reads come back as full as
+      // the pipe it expects; a socket read can return up to its 1 MiB buffer,
+      // so "full" must be unreachable: every read that does not fill the chunk
+      // is handed over at once, or the tail QEMU sent before waiting for our
+      // SHUT could sit in the reader forever.
+      input = Promise.resolve({ stream: new FdReader(ours, { pipeSize: 1 << 30 }) as unknown as NodeJS.ReadableStream, returnPath: returnPathWriter(ours) });
+    }
 
     let info: MigrationInfo = {};
     let streamBytes = 0;
@@ -164,33 +232,30 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         iteration: ram?.['dirty-sync-count'],
       });
     };
-    // FdReader holds a partial chunk back while reads come back as full as
-    // the pipe it expects; a socket read can return up to its 1 MiB buffer,
-    // so "full" must be unreachable: every read that does not fill the chunk
-    // is handed over at once, or the tail QEMU sent before waiting for our
-    // SHUT could sit in the reader forever.
-    const saving = saveSnapshot(new FdReader(ours, { pipeSize: 1 << 30 }) as unknown as NodeJS.ReadableStream, imagePath, {
+    const saving = input.then(({ stream, returnPath }) => saveSnapshot(stream, imagePath, {
       force: opts.force,
       clusterSize: opts.clusterSize,
       pageSize: opts.pageSize,
       maxInFlight: opts.maxInFlight,
-      returnPath: mode === 'background' ? undefined : returnPathWriter(ours),
+      multifd: merger,
+      returnPath: mode === 'background' ? undefined : returnPath,
       // The stream's own end (VMDESCRIPTION) tells us it is complete; QEMU
       // is only waiting for our SHUT.
       quietMs: 50,
       signal: stopSave.signal,
       onProgress: (bytes, pages) => {
-        streamBytes = bytes;
+        // The main stream's bytes and, with multifd, the channels'.
+        streamBytes = bytes + (merger?.channelBytes ?? 0);
         pageRecords = pages;
         report();
       },
-    });
+    }));
     const saved = saving.then(
       (r) => ({ ok: true as const, r }),
       (err: Error) => ({ ok: false as const, err }),
     );
 
-    await qmp.execute('migrate', { uri: `fd:${fdName}` }).catch((err: Error) => {
+    await qmp.execute('migrate', { uri }).catch((err: Error) => {
       stopSave.abort(err);
       throw new QmpSaveError('qemu', `QEMU refused the migration: ${err.message}`);
     });
@@ -238,7 +303,7 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
         // for us: the image may still be finishing.
         const s = await saved;
         if (!s.ok) failure = sideError(s.err, opts.signal, true);
-        else result = { ...s.r, migration: q.i, runState: before, wallMs: performance.now() - t0 };
+        else result = { ...s.r, streamBytes: s.r.streamBytes + (merger?.channelBytes ?? 0), migration: q.i, runState: before, wallMs: performance.now() - t0 };
       }
     }
   } catch (err) {
@@ -246,6 +311,10 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     if (migrating) await cancel(qmp).catch(() => undefined);
   } finally {
     opts.signal?.removeEventListener('abort', onOuterAbort);
+    // Our ends of the channels first: a multifd thread of QEMU blocked
+    // writing to a channel we stopped reading holds a cancelled migration
+    // in `cancelling` (seen on 7.2) until the socket goes.
+    await listener?.close().catch(() => undefined);
     if (!qmp.closed) {
       // Put things back even after a failure; a failure to do so is reported.
       try {

@@ -18,6 +18,7 @@ import { OrderedBlockWriter, BlockWriteTarget, BlockWrite } from '../blockio';
 import { DEFAULT_MAX_IN_FLIGHT } from '../blockio/ordered-writer';
 import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
+import type { MultifdMerger } from '../migration/multifd-merger';
 import { Command } from '../migration/constants';
 import { encodePong, encodeShut } from '../migration/return-path';
 import { QemuSnapError } from '../errors';
@@ -71,6 +72,11 @@ export interface SaveOptions {
    * in the kernel; both need cache none or directsync.
    */
   aio?: AioMode;
+  /**
+   * multifd: the channels' pages join the main stream's records here, in
+   * sync-point order (MultifdMerger), before the one SnapshotWriter and ring.
+   */
+  multifd?: MultifdMerger;
 }
 
 export class SaveAbortedError extends QemuSnapError {}
@@ -300,7 +306,7 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
 
   let ok = false;
   try {
-    await pumpAsync(gate, framer, writer, ring);
+    await (opts.multifd ? pumpAsync(gate, framer, opts.multifd, writer, ring) : pumpAsync(gate, framer, writer, ring));
     const image = blockTarget.image;
     if (!image) throw new SaveTargetError('stream ended before its RAM block list');
     const summary = writer.summary();

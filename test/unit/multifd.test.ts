@@ -2,51 +2,12 @@
 // QEMU 7.2 and 10.0 send (test/e2e/multifd.test.ts checks real ones).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { MultifdChannelParser, MultifdRecord, MultifdPacketRecord, MULTIFD_MAGIC, MULTIFD_HEADER_SIZE } from '../../src/migration/multifd';
+import { MultifdChannelParser, MultifdRecord, MultifdPacketRecord, MULTIFD_MAGIC } from '../../src/migration/multifd';
+import { init, packet, PacketSpec } from './multifd-packets';
 
 const PAGE = 4096;
 const SLOTS = (512 * 1024) / PAGE;
 const BLOCKS: Record<string, number> = { 'pc.ram': 64 << 20, '/rom@etc/acpi/tables': 128 << 10 };
-
-function init(channel: number): Buffer {
-  const b = Buffer.alloc(64);
-  b.writeUInt32BE(MULTIFD_MAGIC, 0);
-  b.writeUInt32BE(1, 4);
-  b[24] = channel;
-  return b;
-}
-
-interface PacketSpec {
-  flags?: number;
-  block?: string;
-  normal?: number[];
-  zero?: number[];
-  num?: number;
-  /** What 7.2 leaves in next_packet_size of a SYNC packet. */
-  next?: number;
-  alloc?: number;
-  magic?: number;
-  version?: number;
-}
-
-function packet(p: PacketSpec): Buffer {
-  const normal = p.normal ?? [];
-  const zero = p.zero ?? [];
-  const h = Buffer.alloc(MULTIFD_HEADER_SIZE + 8 * SLOTS);
-  h.writeUInt32BE(p.magic ?? MULTIFD_MAGIC, 0);
-  h.writeUInt32BE(p.version ?? 1, 4);
-  h.writeUInt32BE(p.flags ?? 0, 8);
-  h.writeUInt32BE(p.alloc ?? SLOTS, 12);
-  h.writeUInt32BE(normal.length, 16);
-  h.writeUInt32BE(p.next ?? normal.length * PAGE, 20);
-  h.writeBigUInt64BE(BigInt(p.num ?? 0), 24);
-  h.writeUInt32BE(zero.length, 32);
-  h.write(p.block ?? '', 64, 'latin1');
-  [...normal, ...zero].forEach((off, i) => h.writeBigUInt64BE(BigInt(off), MULTIFD_HEADER_SIZE + 8 * i));
-  const data = Buffer.alloc(normal.length * PAGE);
-  normal.forEach((off, i) => data.fill((off / PAGE) & 0xff, i * PAGE, (i + 1) * PAGE));
-  return Buffer.concat([h, data]);
-}
 
 async function parse(bytes: Buffer, cut = 0): Promise<MultifdRecord[]> {
   const p = new MultifdChannelParser({ pageSize: PAGE, blockLength: (id) => BLOCKS[id] });
