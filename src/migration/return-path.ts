@@ -273,6 +273,31 @@ export function encodeShut(status: number): Buffer {
   return u32Message(ReturnPathMessage.SHUT, status);
 }
 
+/** SWITCHOVER_ACK (QEMU >= 8.1): the destination is ready for the source to switch over. */
+export function encodeSwitchoverAck(): Buffer {
+  return encodeReturnPathMessage(ReturnPathMessage.SWITCHOVER_ACK);
+}
+
+/**
+ * Whether a source running `machine` (a versioned type such as pc-q35-10.0,
+ * which only QEMU of that version or later has) knows SWITCHOVER_ACK.
+ *
+ * With the switchover-ack capability a QEMU destination sends it right after
+ * OPEN_RETURN_PATH when no device asked to delay it (loadvm_process_command),
+ * and the source does not complete until it arrives. A source with the
+ * capability off just notes it (source_return_path_thread), but one older
+ * than 8.1 fails the migration on the unknown message type. The stream does
+ * not say whether the capability is on, so it is sent whenever the machine
+ * type proves QEMU >= 8.1; an unversioned or older type gets none.
+ */
+export function sourceKnowsSwitchoverAck(machine: string | null): boolean {
+  const m = machine === null ? null : /-(\d+)\.(\d+)$/.exec(machine);
+  if (!m) return false;
+  const major = Number(m[1]);
+  const minor = Number(m[2]);
+  return major > 8 || (major === 8 && minor >= 1);
+}
+
 /** PONG echoing a PING's be32 value. */
 export function encodePong(value: number): Buffer {
   return u32Message(ReturnPathMessage.PONG, value);

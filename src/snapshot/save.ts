@@ -20,7 +20,7 @@ import { Qcow2Image } from '../image';
 import { MigrationFramer } from '../migration/framer';
 import type { MultifdMerger } from '../migration/multifd-merger';
 import { Command } from '../migration/constants';
-import { encodePong, encodeShut } from '../migration/return-path';
+import { encodePong, encodeShut, encodeSwitchoverAck, sourceKnowsSwitchoverAck } from '../migration/return-path';
 import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
 import { SnapshotWriter, SnapshotSummary } from './snapshot-writer';
@@ -264,7 +264,10 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       return image.readIntoSync(offset, out.length, out) ? null : image.readInto(offset, out.length, out);
     },
     onCommand: (command, payload) => {
-      if (command === Command.OPEN_RETURN_PATH) returnPathOpen = true;
+      if (command === Command.OPEN_RETURN_PATH) {
+        returnPathOpen = true;
+        if (opts.returnPath && sourceKnowsSwitchoverAck(writer.machineType)) opts.returnPath.write(encodeSwitchoverAck());
+      }
       if (command === Command.PING && returnPathOpen && opts.returnPath) {
         opts.returnPath.write(encodePong(payload.length >= 4 ? payload.readUInt32BE(0) : 0));
       }

@@ -169,6 +169,8 @@ export class SnapshotWriter extends Transform {
 
   private released = 0;
   /** Stream offsets where the pushed segment runs not yet reported by writeDone() began, in push order. */
+  /** The source's machine type, from its CONFIGURATION section (null before it). */
+  machineType: string | null = null;
   private pendingRunStarts: number[] = [];
   private pendingHead = 0;
 
@@ -337,6 +339,7 @@ export class SnapshotWriter extends Transform {
 
   private leaderOrState(rec: MigrationRecord, cb: (err: Error | null) => void): void {
     if (rec.type === 'configuration') {
+      this.machineType = rec.machine;
       for (const sub of rec.subsections) {
         if (sub.name === 'configuration/capabilities' && sub.capabilities.includes('x-ignore-shared')) {
           // ram_save_setup / RAMBLOCK_FOREACH_NOT_IGNORED: pages of shared

@@ -1,6 +1,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
+  encodeSwitchoverAck,
+  sourceKnowsSwitchoverAck,
   ReturnPathError,
   ReturnPathMsg,
   ReturnPathParser,
@@ -185,6 +187,13 @@ test('responder output parses back', async () => {
     { type: 'pong', value: 7, at: 0 },
     { type: 'shut', status: 1, at: 8 },
   ]);
+});
+
+test('SWITCHOVER_ACK: type 7, no payload; sent only to sources whose machine type proves QEMU >= 8.1', () => {
+  assert.equal([...encodeSwitchoverAck()], [0, 7, 0, 0]);
+  for (const m of ['pc-i440fx-8.1', 'pc-q35-10.0', 'pc-i440fx-9.2', 'pc-q35-8.2']) assert.ok(sourceKnowsSwitchoverAck(m), m);
+  for (const m of ['pc-i440fx-7.2', 'pc-q35-8.0', 'pc-i440fx-2.12', 'microvm', 'isapc', 'none']) assert.not.ok(sourceKnowsSwitchoverAck(m), m);
+  assert.not.ok(sourceKnowsSwitchoverAck(null));
 });
 
 test.run();
