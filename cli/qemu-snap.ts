@@ -233,6 +233,19 @@ function abortOnSignals(what: string): AbortController {
   return ac;
 }
 
+/**
+ * info and verify write nothing but their report: a signal ends them at
+ * once, with the same exit code and one line as save and load.
+ */
+function exitOnSignals(what: string): void {
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.on(sig, () => {
+      if (!reported) writeErrorLine(`qemu-snap: ${what} interrupted (${sig})`);
+      hardExit(1);
+    });
+  }
+}
+
 function writeErrorLine(line: string): void {
   reported = true;
   process.stderr.write(`${line}\n`);
@@ -388,6 +401,7 @@ async function cmdInfo(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, { boolean: ['json'] });
   if (args.help) return void stdout().write(USAGE + '\n');
   const file = onePositional(args, 'FILE (a snapshot image, a stream file, or - for stdin)');
+  exitOnSignals('info');
   const { describeFile, formatInfo } = await import('../src/snapshot/info');
   const progress = new ProgressLine('info', progressMode(common));
   const info = await describeFile(file, (bytes, pages) => progress.update({ covered: bytes, total: 0, moved: bytes, noun: 'of input', detail: `${pages} page records` })).finally(() => progress.clear());
@@ -398,6 +412,7 @@ async function cmdVerify(argv: string[]): Promise<void> {
   const { args, common } = parse(argv, {});
   if (args.help) return void stdout().write(USAGE + '\n');
   const image = onePositional(args, 'IMAGE (the snapshot to check)');
+  exitOnSignals('verify');
   const { verifySnapshot } = await import('../src/snapshot/verify');
   const progress = new ProgressLine('verify', progressMode(common));
   let last: Parameters<typeof verifyProgress> = [0, 0, 0, 0];

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { UsageError } from '../src/util/size';
 
 /** Options that take a value as the next word (the RFC's and ours). */
-const TAKES_VALUE = new Set(['-s', '--image-size', '-S', '--page-size', '-p', '--postcopy', '-i', '--input', '-o', '--output', '--cluster-size', '--max-in-flight', '--qmp', '--downtime-limit', '--max-bandwidth']);
+const TAKES_VALUE = new Set(['-s', '--image-size', '-S', '--page-size', '-p', '--postcopy', '-i', '--input', '-o', '--output', '--cluster-size', '--max-in-flight', '--qmp', '--downtime-limit', '--max-bandwidth', '--cache', '--aio', '--host-page-size', '--channels']);
 
 export function rfcArguments(argv: string[]): string[] {
   if (argv.length === 0 || !argv[0].startsWith('-') || argv[0] === '-') return argv;

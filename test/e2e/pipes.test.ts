@@ -198,6 +198,21 @@ for (const native of [true, false]) {
     }
   });
 
+  test(`[${mode}] SIGINT to info reading a pipe that went idle: exit 1 within 2 s`, async () => {
+    const [r, w] = pipePair();
+    try {
+      const { child, done } = start(['info', '-'], r, 'ignore', native);
+      // Half a stream, then the writer holds the pipe open and sends nothing.
+      await writeAll(w, fs.readFileSync(stream).subarray(0, 1 << 20));
+      await sleep(1000);
+      const t0 = Date.now();
+      child.kill('SIGINT');
+      assertInterrupted(await done, 'SIGINT', t0);
+    } finally {
+      fs.closeSync(w);
+    }
+  });
+
   test(`[${mode}] load -o FIFO: SIGTERM while no reader opened it ends it within 2 s; a late reader gets the whole stream`, async () => {
     const fifo = path.join(dir, `out-fifo${fifos++}`);
     assert.is(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');

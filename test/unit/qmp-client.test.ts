@@ -212,6 +212,10 @@ test('RFC order: options before the command move after it', () => {
   assert.equal(rfcArguments(['-q', '-V', 'save', 'x']), ['--version']);
   assert.equal(rfcArguments(['-h']), ['--help']);
   assert.equal(rfcArguments(['save', '-s', '1G', 'x']), ['save', '-s', '1G', 'x']);
+  // The RFC's cache options before the command: -n alone, --cache/--aio with a value as the next word or after '='.
+  assert.equal(rfcArguments(['-n', 'save', 'vm.qcow2']), ['save', '-n', 'vm.qcow2']);
+  assert.equal(rfcArguments(['--cache', 'none', '--aio', 'threads', 'load', 'x.qcow2']), ['load', '--cache', 'none', '--aio', 'threads', 'x.qcow2']);
+  assert.equal(rfcArguments(['--cache=unsafe', 'save', 'x']), ['save', '--cache=unsafe', 'x']);
   assert.throws(() => rfcArguments(['-s']), /needs a value/);
   assert.throws(() => rfcArguments(['-q']), /missing command/);
 });
