@@ -209,6 +209,11 @@ export interface RamPageRunRecord {
 /** What a framer with page runs enabled emits. */
 export type FramedRecord = MigrationRecord | RamPageRunRecord;
 
+/** Where the framer's parts push the records they read (the framer's readable side). */
+export interface RecordSink {
+  push(record: FramedRecord | null): boolean;
+}
+
 /** The single PAGE/ZERO records a run stands for, in stream order (for tests and tools). */
 export function expandPageRun(run: RamPageRunRecord, pageSize: number): Array<RamPageRecord | RamZeroRecord> {
   const out: Array<RamPageRecord | RamZeroRecord> = [];
