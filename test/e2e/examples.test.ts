@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { spawn, execFileSync } from 'node:child_process';
-import { startVm, requireQemu, makePattern, shellQuote, compareRange, VmOptions, QEMU_IMG } from './lib';
+import { startVm, requireQemu, makePattern, shellQuote, compareRange, QEMU_IMG, withSnapQmp } from './lib';
 import { runCli, tempDir } from './common';
 
 const EXAMPLES = path.resolve(__dirname, '..', '..', 'examples');
@@ -18,10 +18,6 @@ const pattern = path.join(dir, 'pattern.bin');
 const stream = path.join(dir, 'vm.stream');
 const reference = path.join(dir, 'reference.qcow2');
 let normalPages = 0;
-
-function withSnapQmp(opts: VmOptions, sock: string): VmOptions {
-  return { ...opts, extraArgs: [...(opts.extraArgs ?? []), '-qmp', `unix:${sock},server=on,wait=off`] };
-}
 
 interface Run {
   code: number | null;

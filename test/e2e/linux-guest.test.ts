@@ -12,7 +12,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startVm, requireQemu, shellQuote, linuxGuestVm, waitForTick, lastTick, diffRanges } from './lib';
+import { startVm, requireQemu, shellQuote, linuxGuestVm, waitForTick, lastTick, differsOutsideBios } from './lib';
 import { CLI, snapExec, tempDir } from './common';
 
 const MEM_MIB = 256;
@@ -22,12 +22,6 @@ test.before(() => {
   requireQemu();
 });
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-/** Differences outside 0xA0000-0xFFFFF (kvmvapic rewrites bytes there on every incoming migration). */
-function differsOutsideBios(a: string, b: string): string | null {
-  const ranges = diffRanges(a, b, 16, 0).filter(([s, e]) => e <= 0xa0000 || s >= 0x100000);
-  return ranges.length ? ranges.map(([s, e]) => `0x${s.toString(16)}..0x${e.toString(16)}`).join(', ') : null;
-}
 
 /** Restores `incoming` into a -S destination, dumps its RAM; returns the destination's serial file. */
 async function restoreAndDump(incoming: string, dump: string, tag: string, resume?: (serial: string) => Promise<void>): Promise<void> {

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as os from 'node:os';
 import { spawn } from 'node:child_process';
-import { startVm, requireQemu, makePattern, diffRanges, linuxGuestVm, waitForTick, Vm, VmOptions } from './lib';
+import { startVm, requireQemu, makePattern, linuxGuestVm, waitForTick, Vm, VmOptions, differsOutsideBios, withSnapQmp, migrationSettings } from './lib';
 import { CLI, runCli, snapExec, tempDir, isOneLineError, CliResult } from './common';
 import { shellQuote } from './lib';
 import { openSnapshot } from '../../src/snapshot/snapshot-image';
@@ -30,20 +30,6 @@ test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 let sockCounter = 0;
 function snapSocket(): string {
   return path.join(dir, `snap-${++sockCounter}.sock`);
-}
-
-function withSnapQmp(opts: VmOptions, sock: string): VmOptions {
-  return { ...opts, extraArgs: [...(opts.extraArgs ?? []), '-qmp', `unix:${sock},server=on,wait=off`] };
-}
-
-async function settings(vm: Vm): Promise<unknown> {
-  return { caps: await vm.qmp.execute('query-migrate-capabilities'), params: await vm.qmp.execute('query-migrate-parameters') };
-}
-
-/** Differences outside 0xA0000-0xFFFFF (kvmvapic rewrites bytes there on every incoming migration). */
-function differsOutsideBios(a: string, b: string): string | null {
-  const ranges = diffRanges(a, b, 16, 0).filter(([s, e]) => e <= 0xa0000 || s >= 0x100000);
-  return ranges.length ? ranges.map(([s, e]) => `0x${s.toString(16)}..0x${e.toString(16)}`).join(', ') : null;
 }
 
 /** Restores `image` with a plain `load` into a -S VM (or one made by `vm`) and dumps its RAM. */
@@ -74,13 +60,13 @@ for (const channels of [1, 2, 4]) {
     const src = await startVm(withSnapQmp({ memMiB: MEM_MIB, paused: true, loads: [{ file: pattern, addr: PAT_ADDR }], name: `multifd-src-${channels}` }, sock));
     try {
       await src.pmemsave(srcDump, MEM_MIB << 20);
-      const before = await settings(src);
+      const before = await migrationSettings(src);
       const r = await runCli(['save', '--qmp', sock, '--channels', String(channels), image], { timeoutMs: 120_000 });
       assert.is(r.code, 0, r.stderr);
       assert.match(r.stderr, channels > 1 ? new RegExp(`saved .* over QMP \\(${channels} multifd channels\\)`) : /saved .* over QMP in/);
       const streamMiB = Number(/ ([\d.]+) MiB of stream/.exec(r.stderr)?.[1] ?? 0);
       assert.ok(streamMiB >= PAT_SIZE / (1 << 20), `the stream size counts the channels' bytes: ${r.stderr}`);
-      assert.equal(await settings(src), before, 'capabilities and parameters as they were');
+      assert.equal(await migrationSettings(src), before, 'capabilities and parameters as they were');
       assert.is((await src.queryStatus()).running, false, 'a paused VM stays paused');
       const mig = await src.queryMigrate();
       assert.is(mig.status, 'completed');
@@ -175,7 +161,7 @@ test('a live Linux guest saved over 2 channels while it dirties memory: load res
   const srcDump = path.join(dir, 'linux-src.mem');
   try {
     await waitForTick(serial, 3, 90_000);
-    const before = await settings(src);
+    const before = await migrationSettings(src);
     const r = await saveViaQmp(sock, image, {
       channels: 2,
       mode: 'stop',
@@ -186,7 +172,7 @@ test('a live Linux guest saved over 2 channels while it dirties memory: load res
       },
     });
     assert.ok((r.migration.ram?.['dirty-sync-count'] ?? 0) >= 2, `the guest dirtied memory between passes (dirty-sync-count ${r.migration.ram?.['dirty-sync-count']})`);
-    assert.equal(await settings(src), before, 'capabilities and parameters as they were');
+    assert.equal(await migrationSettings(src), before, 'capabilities and parameters as they were');
     await src.pmemsave(srcDump, MEM_MIB << 20);
   } finally {
     await src.stop();
@@ -212,7 +198,7 @@ async function throttledSource(sock: string, name: string): Promise<Vm> {
 /** After a failed save: the source runs on with its settings, nothing is left in `imageDir` or the temp dir. */
 async function assertUntouched(vm: Vm, before: unknown, imageDir: string, tmpBefore: string[]): Promise<void> {
   assert.is((await vm.queryStatus()).status, 'running', 'the source runs on');
-  assert.equal(await settings(vm), before, 'capabilities and parameters as they were');
+  assert.equal(await migrationSettings(vm), before, 'capabilities and parameters as they were');
   const mig = await vm.queryMigrate();
   assert.ok(mig.status === 'cancelled' || mig.status === 'failed', `migration ${mig.status}`);
   assert.equal(fs.readdirSync(imageDir), [], 'nothing left beside the image');
@@ -226,7 +212,7 @@ test('a multifd channel closed mid-save: the save fails, the source runs on with
   const tmpBefore = privateDirs();
   const vm = await throttledSource(sock, 'multifd-closed');
   try {
-    const before = await settings(vm);
+    const before = await migrationSettings(vm);
     let closed = false;
     const err = await saveViaQmp(sock, path.join(imageDir, 'vm.qcow2'), {
       channels: 2,
@@ -285,7 +271,7 @@ test('SIGINT during a save over 4 channels: exit 1 at once, the source runs on w
   const tmpBefore = privateDirs();
   const vm = await throttledSource(sock, 'multifd-sigint');
   try {
-    const before = await settings(vm);
+    const before = await migrationSettings(vm);
     const r = await cliWithSigint(['save', '--qmp', sock, '--channels', '4', '--max-bandwidth', '32M', path.join(imageDir, 'vm.qcow2')], 1500);
     assert.is(r.code, 1, r.stderr);
     assert.ok(isOneLineError(r.stderr), r.stderr);
@@ -301,18 +287,18 @@ test('compressed multifd is refused by name before QEMU is touched; --background
   const vm = await startVm(withSnapQmp({ memMiB: 64, paused: false, name: 'multifd-refusals' }, sock));
   try {
     await vm.qmp.execute('migrate-set-parameters', { 'multifd-compression': 'zlib' });
-    const before = await settings(vm);
+    const before = await migrationSettings(vm);
     const image = path.join(dir, 'zlib.qcow2');
     const r = await runCli(['save', '--qmp', sock, '--channels', '2', image]);
     assert.is(r.code, 1, r.stderr);
     assert.ok(isOneLineError(r.stderr), r.stderr);
     assert.match(r.stderr, /multifd-compression is zlib on this QEMU: .*QEMU was not touched/);
-    assert.equal(await settings(vm), before);
+    assert.equal(await migrationSettings(vm), before);
     assert.is((await vm.queryMigrate()).status, undefined, 'no migration was started');
     assert.not.ok(fs.existsSync(image));
     const bg = await runCli(['save', '--qmp', sock, '--background', '--channels', '4', path.join(dir, 'bg.qcow2')]);
     assert.match(bg.stderr, /--background saves over one channel \(QEMU cannot combine background-snapshot with multifd\): --channels 4 ignored/);
-    assert.equal(await settings(vm), before, 'settings put back after the background save');
+    assert.equal(await migrationSettings(vm), before, 'settings put back after the background save');
     const caps = (await vm.qmp.execute('query-migrate-capabilities')) as Array<{ capability: string; state: boolean }>;
     assert.is(caps.find((c) => c.capability === 'multifd')?.state, false);
   } finally {

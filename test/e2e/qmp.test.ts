@@ -8,7 +8,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
-import { startVm, requireQemu, makePattern, patternBytes, linuxGuestVm, waitForTick, lastTick, Vm, VmOptions, QEMU_IMG, compareRange } from './lib';
+import { startVm, requireQemu, makePattern, patternBytes, linuxGuestVm, waitForTick, lastTick, Vm, VmOptions, QEMU_IMG, compareRange, withSnapQmp, migrationSettings } from './lib';
 import { CLI, runCli, tempDir, isOneLineError, CliResult } from './common';
 import { openSnapshot } from '../../src/snapshot/snapshot-image';
 
@@ -37,19 +37,6 @@ let sockCounter = 0;
 /** A QMP socket path for qemu-snap (QEMU serves one client per socket: the tests keep theirs). */
 function snapSocket(): string {
   return path.join(dir, `snap-${++sockCounter}.sock`);
-}
-
-function withSnapQmp(opts: VmOptions, sock: string): VmOptions {
-  return { ...opts, extraArgs: [...(opts.extraArgs ?? []), '-qmp', `unix:${sock},server=on,wait=off`] };
-}
-
-interface Settings {
-  caps: unknown;
-  params: unknown;
-}
-
-async function settings(vm: Vm): Promise<Settings> {
-  return { caps: await vm.qmp.execute('query-migrate-capabilities'), params: await vm.qmp.execute('query-migrate-parameters') };
 }
 
 /** Runs the CLI and sends `signal` after `afterMs`, or calls `during` then. */
@@ -113,14 +100,14 @@ test('save --qmp of a live Linux guest: it counts on, parameters are put back, t
   let tickAfter: number;
   try {
     await waitForTick(srcSerial, 3, 90_000);
-    const before = await settings(src);
+    const before = await migrationSettings(src);
     tickBefore = lastTick(srcSerial);
     const r = await runCli(['save', '--qmp', sock, image], { timeoutMs: 120_000 });
     tickAfter = lastTick(srcSerial);
     assert.is(r.code, 0, r.stderr);
     assert.match(r.stderr, /saved .* over QMP .* the VM is running/);
     assert.is((await src.queryStatus()).status, 'running');
-    assert.equal(await settings(src), before, 'capabilities and parameters as they were');
+    assert.equal(await migrationSettings(src), before, 'capabilities and parameters as they were');
     const mig = await src.queryMigrate();
     assert.is(mig.status, 'completed');
     // The guest keeps counting after the save.
@@ -160,12 +147,12 @@ test('save --qmp --stop leaves the guest stopped; restore --qmp --postcopy 10 ru
   let savedTick: number;
   try {
     await waitForTick(srcSerial, 3, 90_000);
-    const before = await settings(src);
+    const before = await migrationSettings(src);
     const r = await runCli(['save', '--stop', '--downtime-limit', '500', '--qmp', sock, image], { timeoutMs: 120_000 });
     assert.is(r.code, 0, r.stderr);
     const st = await src.queryStatus();
     assert.is(st.running, false, `stopped after --stop (${st.status})`);
-    assert.equal(await settings(src), before, 'capabilities and parameters as they were (downtime-limit too)');
+    assert.equal(await migrationSettings(src), before, 'capabilities and parameters as they were (downtime-limit too)');
     savedTick = lastTick(srcSerial);
     await new Promise((r2) => setTimeout(r2, 500));
     assert.is(lastTick(srcSerial), savedTick, 'no tick while stopped');
@@ -199,12 +186,12 @@ test('restore --qmp --paused into a firmware VM: precopy, memory matches, left p
   const sock = snapSocket();
   const src = await firmwareSource(sock, 'qmp-fw-src');
   try {
-    const before = await settings(src);
+    const before = await migrationSettings(src);
     const nodir = await runCli(['save', '--qmp', sock, path.join(dir, 'no-such-dir', 'x.qcow2')]);
     assert.is(nodir.code, 1);
     assert.ok(isOneLineError(nodir.stderr), nodir.stderr);
     assert.match(nodir.stderr, /cannot write the image there \(ENOENT\); QEMU was not touched/);
-    assert.equal(await settings(src), before);
+    assert.equal(await migrationSettings(src), before);
     assert.is((await src.queryMigrate()).status, undefined, 'no migration was started');
     const r = await runCli(['save', '-q', '--qmp', sock, image]);
     assert.is(r.code, 0, r.stderr);
@@ -241,12 +228,12 @@ test('save --qmp --background: the VM never stops, settings put back; exit 0 onl
   const src = await firmwareSource(sock, 'qmp-background');
   let code: number | null;
   try {
-    const before = await settings(src);
+    const before = await migrationSettings(src);
     const seenBefore = src.qmp.events.length;
     const r = await runCli(['save', '--background', '--progress', '--qmp', sock, image]);
     code = r.code;
     assert.match(r.stderr, /QEMU (setup|active|completed)/, 'progress from query-migrate');
-    assert.equal(await settings(src), before, 'capabilities and parameters as they were');
+    assert.equal(await migrationSettings(src), before, 'capabilities and parameters as they were');
     assert.is((await src.queryStatus()).status, 'running');
     // background-snapshot stops the VM once, at the start, for the device
     // state, and write-protects RAM instead of stopping for it.
@@ -307,7 +294,7 @@ async function failedSave(tag: string, inject: (ctx: { vm: Vm; pid: number; imag
   const vm = await firmwareSource(sock, `qmp-fail-${tag}`);
   let alive: Vm | null = vm;
   try {
-    const before = await settings(vm);
+    const before = await migrationSettings(vm);
     const r = await runCliDuring(['save', '--max-bandwidth', '32M', '--qmp', sock, path.join(imageDir, 'vm.qcow2')], 1500, (pid) => inject({ vm, pid, imageDir }));
     assert.is(r.code, 1, r.stderr);
     assert.ok(isOneLineError(r.stderr), r.stderr);
@@ -318,7 +305,7 @@ async function failedSave(tag: string, inject: (ctx: { vm: Vm; pid: number; imag
       return null;
     }
     assert.is((await vm.queryStatus()).status, 'running', 'the source runs on');
-    assert.equal(await settings(vm), before, 'capabilities and parameters as they were');
+    assert.equal(await migrationSettings(vm), before, 'capabilities and parameters as they were');
     const mig = await vm.queryMigrate();
     assert.ok(mig.status === 'cancelled' || mig.status === 'failed', `migration ${mig.status}`);
     return vm;

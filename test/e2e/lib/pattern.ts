@@ -126,3 +126,12 @@ function readFull(fd: number, buf: Buffer, pos: number): number {
   }
   return got;
 }
+
+/**
+ * Where two RAM dumps differ outside 0xA0000-0xFFFFF (kvmvapic rewrites bytes
+ * there on every incoming migration), as "0xS..0xE" ranges, or null.
+ */
+export function differsOutsideBios(a: string, b: string): string | null {
+  const ranges = diffRanges(a, b, 16, 0).filter(([s, e]) => e <= 0xa0000 || s >= 0x100000);
+  return ranges.length ? ranges.map(([s, e]) => `0x${s.toString(16)}..0x${e.toString(16)}`).join(', ') : null;
+}

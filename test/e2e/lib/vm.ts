@@ -391,3 +391,13 @@ export function createQcow2(file: string, size: string): void {
 }
 
 export { QmpTimeoutError };
+
+/** `opts` with a second QMP socket at `sock`, for qemu-snap (QEMU serves one client per socket: the tests keep theirs). */
+export function withSnapQmp(opts: VmOptions, sock: string): VmOptions {
+  return { ...opts, extraArgs: [...(opts.extraArgs ?? []), '-qmp', `unix:${sock},server=on,wait=off`] };
+}
+
+/** The VM's migration capabilities and parameters, to check they were put back. */
+export async function migrationSettings(vm: Vm): Promise<{ caps: unknown; params: unknown }> {
+  return { caps: await vm.qmp.execute('query-migrate-capabilities'), params: await vm.qmp.execute('query-migrate-parameters') };
+}
