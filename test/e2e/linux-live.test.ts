@@ -1,4 +1,5 @@
-// Issue 13 on a live Linux guest (TCG) that dirties memory:
+// Issue 13 on a live Linux guest (TCG: this kernel prints nothing under
+// this host's nested KVM) that dirties memory:
 //  - XBZRLE over several passes: QEMU sends deltas of re-sent pages, save
 //    applies them; the stopped source equals the restored destination;
 //  - background-snapshot: the image restores to the moment the snapshot
@@ -97,7 +98,12 @@ test('XBZRLE over several passes of a guest that dirties memory: restored byte-i
   const sourceVsQemu = differsOutsideBios(srcDump, rawDump);
   if (sourceVsQemu === null) assert.is(differsOutsideBios(srcDump, dstDump), null, 'destination memory equals the stopped source');
   else console.log(`  note: QEMU's own restore differs from the stopped source at ${sourceVsQemu}`);
-  const first = await restoreRunning(snapExec(`load -q ${shellQuote(image)}`), 'xbzrle', savedTick);
+  // A guest restored from a stream that QEMU itself restores wrongly may
+  // never tick again: then the image is held to what QEMU's own restore does.
+  const first = await restoreRunning(snapExec(`load -q ${shellQuote(image)}`), 'xbzrle', savedTick).catch((err: Error) => {
+    if (sourceVsQemu === null) throw err;
+    return -1;
+  });
   if (!(first >= savedTick && first <= savedTick + 1)) {
     // Where QEMU's own restore of the stream does not count on either, the stream is at fault.
     const qemuFirst = await restoreRunning(`exec:cat ${shellQuote(raw)}`, 'xbzrle-raw', savedTick).catch(() => -1);
