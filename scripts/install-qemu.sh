@@ -79,7 +79,9 @@ fi
 # The backports suite, from the same mirror as the system's bookworm entry.
 list=/etc/apt/sources.list.d/bookworm-backports.sources
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  mirror=$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | grep -v security | head -1 | tr -d ' ')
+  # Either place may be missing (a deb822-only system has no sources.list):
+  # grep's status for a missing file must not end the script under pipefail.
+  mirror=$( { grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null || true; } | grep -v security | head -1 | tr -d ' ' || true)
   mirror=${mirror:-http://deb.debian.org/debian}
   printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" | "${SUDO[@]}" tee "$list" >/dev/null
   updated=0
