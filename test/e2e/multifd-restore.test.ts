@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
-import { startVm, requireQemu, makePattern, Vm, differsOutsideBios, withSnapQmp, migrationSettings, sleep } from './lib';
+import { startVm, requireQemu, makePattern, Vm, VmOptions, Machine, differsOutsideBios, withSnapQmp, migrationSettings, sleep } from './lib';
 import { CLI, runCli, snapExec, tempDir, isOneLineError } from './common';
 import { shellQuote } from './lib';
 
@@ -52,17 +52,26 @@ async function saveSource(name: string, args: (sock: string, image: string) => s
   return image;
 }
 
-test('images to restore: plain `save` through exec:, save --qmp over 1 and over 4 channels', async () => {
-  // Plain save: QEMU's own migrate exec: into qemu-snap save.
-  const image = path.join(dir, 'plain.qcow2');
-  const src = await startVm({ memMiB: MEM_MIB, paused: true, loads: [{ file: pattern, addr: PAT_ADDR }], name: 'mfr-src-plain' });
+/** Plain save: QEMU's own migrate exec: into qemu-snap save. */
+async function plainSave(name: string, machine?: Machine): Promise<string> {
+  const image = path.join(dir, `${name}.qcow2`);
+  const src = await startVm({ machine, memMiB: MEM_MIB, paused: true, loads: [{ file: pattern, addr: PAT_ADDR }], name: `mfr-src-${name}` });
   try {
-    await src.pmemsave(srcDump, MEM_MIB << 20);
+    if (!fs.existsSync(srcDump)) await src.pmemsave(srcDump, MEM_MIB << 20);
     await src.migrate(snapExec(`save -q ${shellQuote(image)}`));
   } finally {
     await src.stop();
   }
-  images.plain = image;
+  return image;
+}
+
+// A machine type of 7.2's time: multifd-flush-after-each-section is on for
+// it on every QEMU (hw_compat_8_0), so the destination syncs at each EOS.
+const OLD_MACHINE = 'pc-i440fx-7.2' as Machine;
+
+test('images to restore: plain `save` through exec: (also on a pc-i440fx-7.2 machine), save --qmp over 1 and over 4 channels', async () => {
+  images.plain = await plainSave('plain');
+  images.old = await plainSave('old', OLD_MACHINE);
   images.qmp1 = await saveSource('qmp1', (sock, img) => ['save', '-q', '--qmp', sock, img]);
   images.qmp4 = await saveSource('qmp4', (sock, img) => ['save', '-q', '--qmp', sock, '--channels', '4', img]);
 });
@@ -74,10 +83,10 @@ async function settingsButEvents(vm: Vm): Promise<unknown> {
 }
 
 /** Restores `image` over `channels` into a fresh -S destination; returns the CLI's stderr and the dump's difference. */
-async function restoreAndCompare(image: string, channels: number, tag: string, extra: string[] = []): Promise<string> {
+async function restoreAndCompare(image: string, channels: number, tag: string, extra: string[] = [], vm: VmOptions = {}): Promise<string> {
   const dsock = snapSocket();
   const tmpBefore = privateDirs();
-  const dst = await startVm(withSnapQmp({ memMiB: MEM_MIB, paused: true, incoming: 'defer', name: `mfr-dst-${tag}` }, dsock));
+  const dst = await startVm(withSnapQmp({ ...vm, memMiB: MEM_MIB, paused: true, incoming: 'defer', name: `mfr-dst-${tag}` }, dsock));
   try {
     const before = await settingsButEvents(dst);
     const r = await runCli(['restore', '--paused', '--qmp', dsock, '--channels', String(channels), ...extra, image], { timeoutMs: 120_000 });
@@ -104,6 +113,14 @@ for (const channels of [1, 2, 4]) {
     await restoreAndCompare(images.plain, channels, `plain-${channels}`);
   });
 }
+
+test('a pc-i440fx-7.2 destination (sync at every EOS) with its own -uuid, which 7.2 checks each channel against: 2 channels', async () => {
+  await restoreAndCompare(images.old, 2, 'old-2', [], { machine: OLD_MACHINE, extraArgs: ['-uuid', '3f2504e0-4f89-11d3-9a0c-0305e82c3301'] });
+});
+
+test('a destination of the current machine type with its own -uuid: 4 channels', async () => {
+  await restoreAndCompare(images.plain, 4, 'uuid-4', [], { extraArgs: ['-uuid', '3f2504e0-4f89-11d3-9a0c-0305e82c3302'] });
+});
 
 test('an image saved over 4 channels restores over 1, one saved over 1 restores over 4 (and --cache=none over 2)', async () => {
   await restoreAndCompare(images.qmp4, 1, 'qmp4-over-1');
