@@ -16,7 +16,7 @@ import { loadSnapshot, LoadResult, LoadProgress } from '../snapshot/load';
 import { openSnapshot } from '../snapshot/snapshot-image';
 import { QmpClient, QmpCommandError, QmpConnectOptions } from './client';
 import { MigrationInfo, MigrationSettings, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
-import { IncomingChannels, connectChannels, privateSocketPath } from './restore-channels';
+import { IncomingChannels, MultifdChannelSendError, connectChannels, privateSocketPath } from './restore-channels';
 import { MultifdPlan, MultifdRestoreError, multifdPlan } from './restore-multifd';
 
 export class QmpRestoreError extends QemuSnapError {
@@ -211,6 +211,10 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       const q = await Promise.race([qemuDone, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
       if (q?.ok && q.i.status === 'failed' && isPeerGone(first.l.err)) throw await qemuRefused(qmp, imagePath, q.i);
       if (q && !q.ok && isPeerGone(first.l.err)) throw wentAway(q.err, keepsRunning);
+      if (first.l.err instanceof MultifdChannelSendError && isPeerGone(first.l.err)) {
+        // 7.2 reports a refused channel (bad uuid, bad packet) only on its stderr.
+        throw new QmpRestoreError('qemu', `QEMU refused the image: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? `: ${q.i['error-desc']}` : '; its reason is on its stderr'}`);
+      }
       throw new QmpRestoreError('qemu-snap', `qemu-snap failed: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? ` (then QEMU: ${q.i['error-desc']})` : ''}`);
     }
     const q = await qemuDone;
