@@ -52,6 +52,8 @@ export class MultifdPacketBuilder {
   private normal = 0;
   private zero = 0;
   private readonly zeroOffsets: number[] = [];
+  /** Packet buffers handed back with recycle(), filled again instead of fresh ones. */
+  private readonly free: ArrayBuffer[] = [];
 
   constructor(pageSize = 4096) {
     if (!Number.isInteger(pageSize) || pageSize < 512 || pageSize > MULTIFD_PACKET_BYTES || (pageSize & (pageSize - 1)) !== 0) {
@@ -86,7 +88,7 @@ export class MultifdPacketBuilder {
   /** Adds a data page: `pageSize` bytes of `data` from `at`, at byte `offset` of the block. */
   page(offset: number, data: Buffer, at: number): void {
     if (this.full) throw new RangeError('multifd packet is full');
-    const buf = (this.buf ??= Buffer.allocUnsafe(this.headerSize + MULTIFD_PACKET_BYTES));
+    const buf = (this.buf ??= this.fresh());
     writeU64(buf, offset, MULTIFD_HEADER_SIZE + 8 * this.normal);
     data.copy(buf, this.headerSize + this.normal * this.pageSize, at, at + this.pageSize);
     this.normal++;
@@ -97,6 +99,20 @@ export class MultifdPacketBuilder {
     if (this.full) throw new RangeError('multifd packet is full');
     this.zeroOffsets.push(offset);
     this.zero++;
+  }
+
+  /**
+   * A packet take() returned is free again (its write completed): its
+   * buffer is reused, which saves the page faults of a fresh 512 KiB one.
+   */
+  recycle(packet: Buffer): void {
+    const size = this.headerSize + MULTIFD_PACKET_BYTES;
+    if (packet.byteOffset === 0 && packet.buffer.byteLength === size && this.free.length < 16) this.free.push(packet.buffer as ArrayBuffer);
+  }
+
+  private fresh(): Buffer {
+    const ab = this.free.pop();
+    return ab ? Buffer.from(ab) : Buffer.allocUnsafeSlow(this.headerSize + MULTIFD_PACKET_BYTES);
   }
 
   /** The finished packet (header, offsets, data), numbered `packetNum`, with `flags` (SYNC). */

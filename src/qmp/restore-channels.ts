@@ -164,13 +164,16 @@ export class MultifdChannelSender implements MultifdPageSink {
   private send(): void {
     let best = 0;
     for (let i = 1; i < this.channels.length; i++) if (this.channels[i].writableLength < this.channels[best].writableLength) best = i;
-    this.write(best, this.builder.take(this.packetNum++));
+    const packet = this.builder.take(this.packetNum++);
+    this.write(best, packet, () => this.builder.recycle(packet));
     this.packets[best]++;
   }
 
-  private write(i: number, packet: Buffer): void {
+  private write(i: number, packet: Buffer, done?: () => void): void {
     if (this.failure) return;
-    this.channels[i].write(packet);
+    this.channels[i].write(packet, (err) => {
+      if (!err) done?.();
+    });
   }
 
   private wake(): void {

@@ -125,6 +125,27 @@ test('packets are independent buffers: a taken packet is not overwritten by the 
   assert.ok(first.equals(copy));
 });
 
+test('recycle: a packet handed back is filled again; one not handed back is left alone', () => {
+  const builder = new MultifdPacketBuilder(PAGE);
+  builder.begin('pc.ram');
+  builder.page(0, pageOf(1), 0);
+  const first = builder.take(0);
+  const kept = Buffer.from(first);
+  builder.begin('pc.ram');
+  builder.page(PAGE, pageOf(2), 0);
+  const second = builder.take(1);
+  assert.ok(first.equals(kept), 'not recycled: untouched');
+  builder.recycle(second);
+  builder.begin('pc.ram');
+  builder.page(2 * PAGE, pageOf(3), 0);
+  const third = builder.take(2);
+  assert.is(third.buffer, second.buffer, 'the recycled buffer is reused');
+  assert.ok(first.equals(kept));
+  builder.recycle(Buffer.alloc(10)); // not one of ours: ignored
+  const sync = builder.take(3, 1);
+  assert.is.not(sync.buffer, second.buffer);
+});
+
 test('other page sizes: 64 KiB pages, 8 slots', async () => {
   const ps = 64 << 10;
   const builder = new MultifdPacketBuilder(ps);
