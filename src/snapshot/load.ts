@@ -315,7 +315,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
     const image = snap.image;
-    const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : null;
+    // multifd copies every page into its packets: its reads can reuse buffers too.
+    const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : opts.multifd ? (size: number) => Buffer.allocUnsafeSlow(size) : null;
     if (allocate) alignedReads = new RunBufferPool(readSize, 2 * maxInFlight + 4, allocate);
     const pool = alignedReads;
     const read = pool && allocate
