@@ -2,25 +2,15 @@
 // reads QEMU's own channels (multifd.ts), and byte-checked where QEMU checks.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { MultifdChannelParser, MultifdRecord, MultifdPacketRecord, MULTIFD_HEADER_SIZE } from '../../src/migration/multifd';
+import { MultifdRecord, MultifdPacketRecord, MULTIFD_HEADER_SIZE } from '../../src/migration/multifd';
+import { parseChannel } from './multifd-packets';
 import { MultifdPacketBuilder, encodeMultifdInit, encodeMultifdSync, parseUuid } from '../../src/migration/multifd-encoder';
 
 const PAGE = 4096;
 const BLOCKS: Record<string, number> = { 'pc.ram': 64 << 20, '/rom@etc/acpi/tables': 128 << 10 };
 
-async function parse(bytes: Buffer, cut = 0, pageSize = PAGE): Promise<MultifdRecord[]> {
-  const p = new MultifdChannelParser({ pageSize, blockLength: (id) => BLOCKS[id] });
-  const out: MultifdRecord[] = [];
-  const done = new Promise<void>((resolve, reject) => {
-    p.on('data', (r: unknown) => out.push(r as MultifdRecord));
-    p.on('end', resolve);
-    p.on('error', reject);
-  });
-  if (cut > 0) for (let i = 0; i < bytes.length; i += cut) p.write(bytes.subarray(i, i + cut));
-  else p.write(bytes);
-  p.end(null);
-  await done;
-  return out;
+function parse(bytes: Buffer, cut = 0, pageSize = PAGE): Promise<MultifdRecord[]> {
+  return parseChannel(bytes, BLOCKS, cut, pageSize);
 }
 
 function pageOf(seed: number, size = PAGE): Buffer {
