@@ -23,6 +23,9 @@ import type { MultifdPageSink } from '../snapshot/load-encoder';
 
 export class MultifdChannelSendError extends QemuSnapError {}
 
+/** QEMU stopped reading the multifd channels: they stayed full for the whole stall time. */
+export class MultifdStallError extends MultifdChannelSendError {}
+
 /** Bytes queued per channel before the load waits for QEMU to read them. */
 const CHANNEL_QUEUE_BYTES = 1 << 20;
 
@@ -122,6 +125,8 @@ export class MultifdChannelSender implements MultifdPageSink {
     private readonly channels: net.Socket[],
     pageSize: number,
     readonly marks: 'eos' | 'flush',
+    /** A wait for full channels longer than this fails the load (QEMU stopped reading them). */
+    private readonly stallMs = 60_000,
   ) {
     this.builder = new MultifdPacketBuilder(pageSize);
     this.packets = channels.map(() => 0);
@@ -149,7 +154,23 @@ export class MultifdChannelSender implements MultifdPageSink {
   whenWritable(): Promise<void> | null {
     if (this.failure) return Promise.reject(this.failure);
     if (!this.overfull()) return null;
-    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const queued = this.channels.map((c) => c.writableLength >>> 10).join(', ');
+        this.fail(new MultifdStallError(`QEMU has read nothing from the full multifd channels for ${Math.round(this.stallMs / 1000)} s (KiB queued per channel: ${queued})`));
+      }, this.stallMs);
+      const done = () => clearTimeout(timer);
+      this.waiters.push({
+        resolve: () => {
+          done();
+          resolve();
+        },
+        reject: (err) => {
+          done();
+          reject(err);
+        },
+      });
+    });
   }
 
   /** Ends the waits with `err` (an interrupted restore); later writes are dropped. */
@@ -214,6 +235,8 @@ export interface ConnectChannelsOptions {
   marks: 'eos' | 'flush';
   /** Sync marks in the leader (the stream before the first page): SYNCs sent before any page. */
   leaderMarks: number;
+  /** See MultifdChannelSender (default 60 s). */
+  stallMs?: number;
   signal?: AbortSignal;
 }
 
@@ -237,7 +260,7 @@ export async function connectChannels(sockPath: string, opts: ConnectChannelsOpt
       s.resume();
       s.write(encodeMultifdInit(opts.uuid, i));
     }
-    const sender = new MultifdChannelSender(channels, opts.pageSize, opts.marks);
+    const sender = new MultifdChannelSender(channels, opts.pageSize, opts.marks, opts.stallMs);
     for (let k = 0; k < opts.leaderMarks; k++) sender.sync();
     const mainOut = new MainChannel(main, header);
     mainOut.on('error', () => undefined);

@@ -14,9 +14,9 @@ import { FdWriter } from '../util/fd-writer';
 import type { CacheMode } from '../util/direct-io';
 import { loadSnapshot, LoadResult, LoadProgress } from '../snapshot/load';
 import { openSnapshot } from '../snapshot/snapshot-image';
-import { QmpClient, QmpCommandError, QmpConnectOptions } from './client';
+import { QmpClient, QmpCommandError, QmpConnectOptions, QmpTimeoutError } from './client';
 import { MigrationInfo, MigrationSettings, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
-import { IncomingChannels, MultifdChannelSendError, connectChannels, privateSocketPath } from './restore-channels';
+import { IncomingChannels, MultifdChannelSendError, MultifdStallError, connectChannels, privateSocketPath } from './restore-channels';
 import { MultifdPlan, MultifdRestoreError, multifdPlan } from './restore-multifd';
 
 export class QmpRestoreError extends QemuSnapError {
@@ -45,6 +45,11 @@ export interface QmpRestoreOptions {
    * and sends the data pages over the N multifd channels. Precopy only.
    */
   channels?: number;
+  /**
+   * multifd: how long QEMU may leave the channels full, or take to complete
+   * after the whole stream went out (default 60 s), before the restore fails.
+   */
+  multifdStallMs?: number;
   /** How the image is read (load's --cache): none and directsync read with O_DIRECT. */
   cache?: CacheMode;
 }
@@ -160,7 +165,7 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
     });
     fdName = null;
     if (plan && socketDir) {
-      incoming = await connectChannels(socketDir.path, { ...plan, signal: stopLoad.signal }).catch((err: Error) => {
+      incoming = await connectChannels(socketDir.path, { ...plan, stallMs: opts.multifdStallMs, signal: stopLoad.signal }).catch((err: Error) => {
         if (opts.signal?.aborted) throw new QmpRestoreError('interrupted', `restore interrupted (${String(opts.signal.reason ?? 'aborted')}) while connecting to QEMU`);
         throw new QmpRestoreError('qemu-snap', err.message);
       });
@@ -211,21 +216,37 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       const q = await Promise.race([qemuDone, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
       if (q?.ok && q.i.status === 'failed' && isPeerGone(first.l.err)) throw await qemuRefused(qmp, imagePath, q.i);
       if (q && !q.ok && isPeerGone(first.l.err)) throw wentAway(q.err, keepsRunning);
+      if (plan && first.l.err instanceof MultifdStallError) throw new QmpRestoreError('qemu', `${first.l.err.message}: ${marksHint(plan)}`);
       if (first.l.err instanceof MultifdChannelSendError && isPeerGone(first.l.err)) {
         // 7.2 reports a refused channel (bad uuid, bad packet) only on its stderr.
         throw new QmpRestoreError('qemu', `QEMU refused the image: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? `: ${q.i['error-desc']}` : '; its reason is on its stderr'}`);
       }
       throw new QmpRestoreError('qemu-snap', `qemu-snap failed: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? ` (then QEMU: ${q.i['error-desc']})` : ''}`);
     }
-    const q = await qemuDone;
+    // multifd: a destination that waits at other sync marks than the ones
+    // sent (started with -global migration.multifd-flush-after-each-section
+    // against its machine type) never completes: give up some time after the
+    // whole stream went out.
+    const stallMs = opts.multifdStallMs ?? 60_000;
+    const q = plan
+      ? await Promise.race([qemuDone, loading.then((l) => (l.ok ? new Promise<null>((r) => setTimeout(() => r(null), stallMs).unref()) : qemuDone))])
+      : await qemuDone;
+    if (q === null && plan) {
+      stopLoad.abort(new QemuSnapError('stalled'));
+      throw new QmpRestoreError('qemu', `QEMU has not completed ${Math.round(stallMs / 1000)} s after the whole stream went out over ${plan.channels} multifd channels: ${marksHint(plan)}`);
+    }
+    if (q === null) throw new QmpRestoreError('qemu', 'QEMU has not completed');
     if (!q.ok) {
       stopLoad.abort(q.err);
       await loading;
+      if (plan && q.err instanceof QmpTimeoutError) throw new QmpRestoreError('qemu', `QEMU stopped answering QMP during a restore over ${plan.channels} multifd channels (${q.err.message}): ${marksHint(plan)}`);
       throw wentAway(q.err, keepsRunning);
     }
     if (q.i.status !== 'completed') {
       stopLoad.abort(new QemuSnapError(`QEMU ${q.i.status} the migration`));
-      await loading;
+      const l = await loading;
+      // QEMU fails as soon as a stalled restore closes the channels: the stall is the reason.
+      if (plan && !l.ok && l.err instanceof MultifdStallError) throw new QmpRestoreError('qemu', `${l.err.message}: ${marksHint(plan)}`);
       throw await qemuRefused(qmp, imagePath, q.i);
     }
     const completedMs = performance.now() - t0;
@@ -261,6 +282,13 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       }
     }
   }
+}
+
+/** Why a multifd destination may wait for ever: it syncs at other marks than the ones sent. */
+function marksHint(plan: MultifdPlan): string {
+  const sent = plan.marks === 'eos' ? 'syncs at every RAM EOS' : 'one MULTIFD_FLUSH sync';
+  const other = plan.marks === 'eos' ? 'off' : 'on';
+  return `it probably waits at other sync marks than the ${sent} qemu-snap sent for machine type ${plan.machineType || '?'} (was it started with -global migration.multifd-flush-after-each-section=${other}?); use --channels 1`;
 }
 
 function isPeerGone(err: Error): boolean {

@@ -11,6 +11,7 @@ import { spawn } from 'node:child_process';
 import { startVm, requireQemu, makePattern, Vm, VmOptions, Machine, differsOutsideBios, withSnapQmp, migrationSettings, sleep } from './lib';
 import { CLI, runCli, snapExec, tempDir, isOneLineError } from './common';
 import { shellQuote } from './lib';
+import { restoreViaQmp } from '../../src/qmp/restore';
 
 const dir = tempDir('multifd-restore');
 const MEM_MIB = 256;
@@ -155,6 +156,40 @@ test('a destination that cannot take multifd: one line naming the capability and
     await dst.stop();
   }
 });
+
+// The one thing qemu-snap cannot read: the migration property
+// multifd-flush-after-each-section (8.0 and later), set against the machine
+// type with -global. The destination then waits at other sync marks than the
+// ones sent; qemu-snap must end with a message that says so, not hang.
+for (const [machine, value, what] of [
+  [undefined, 'on', /QEMU stopped answering QMP|QEMU has not completed 5 s after the whole stream went out/],
+  [OLD_MACHINE, 'off', /QEMU has read nothing from the full multifd channels for 5 s|QEMU has not completed 5 s after the whole stream went out|QEMU stopped answering QMP/],
+] as const) {
+  test(`a destination started with -global migration.multifd-flush-after-each-section=${value} on ${machine ?? 'the current machine type'}: ends with the hint, not a hang (QEMU >= 8.0)`, async () => {
+    const dsock = snapSocket();
+    const probe = await startVm({ memMiB: 64, paused: true, incoming: 'defer', name: 'mfr-probe' });
+    const version = ((await probe.qmp.execute('query-version')) as { qemu: { major: number } }).qemu.major;
+    await probe.stop();
+    if (version < 8) return; // 7.2 has no such property: it always syncs at EOS
+    const image = machine ? images.old : images.plain;
+    const dst = await startVm(withSnapQmp({ machine, memMiB: MEM_MIB, paused: true, incoming: 'defer', name: `mfr-dst-global-${value}`, extraArgs: ['-global', `migration.multifd-flush-after-each-section=${value}`] }, dsock));
+    const tmpBefore = privateDirs();
+    try {
+      const t0 = Date.now();
+      const err = await restoreViaQmp(dsock, image, { channels: 2, paused: true, multifdStallMs: 5000, connect: { commandTimeoutMs: 5000 } }).then(
+        () => null,
+        (e: Error) => e,
+      );
+      assert.ok(err, 'the restore fails');
+      assert.match(err!.message, what);
+      assert.match(err!.message, new RegExp(`-global migration\\.multifd-flush-after-each-section=${value}\\?\\); use --channels 1`));
+      assert.ok(Date.now() - t0 < 40_000, `ended after ${Date.now() - t0} ms`);
+      assert.equal(privateDirs(), tmpBefore, 'the private socket directory is removed');
+    } finally {
+      await dst.kill();
+    }
+  });
+}
 
 /** Runs the CLI, sends SIGINT when `when` resolves; resolves with its exit and how long it took after the signal. */
 function cliInterrupted(args: string[], when: Promise<void>): Promise<{ code: number | null; stderr: string; afterSignalMs: number }> {
