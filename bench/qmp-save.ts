@@ -1,9 +1,10 @@
 // save --qmp against `migrate "exec:qemu-snap save"` and `exec:cat > FILE` on
 // the same running VM (KVM, 2 GiB holding 1 GiB of random data; --quick:
 // 512 MiB / 256 MiB), alternating, best of N. Usage:
-//   node dist/bench/qmp-save.js [--quick] [--runs N] [--dir TMPDIR] [--channels 1,2,4]
-// The save --qmp rows run once per --channels value (multifd for N > 1),
-// with the peak RSS of qemu-snap when /usr/bin/time is there.
+//   node dist/bench/qmp-save.js [--quick] [--runs N] [--dir TMPDIR] [--channels 1,2,4] [--restore-only]
+// The save --qmp and restore --qmp rows run once per --channels value
+// (multifd for N > 1), with the peak RSS of qemu-snap when /usr/bin/time is
+// there. --restore-only skips the save rows.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -14,7 +15,7 @@ import { startVm, makePattern, requireQemu, shellQuote } from '../test/e2e/lib';
 const CLI = path.resolve(__dirname, '..', 'cli', 'qemu-snap.js');
 
 async function main(): Promise<void> {
-  const args = minimist(process.argv.slice(2), { boolean: ['quick'], string: ['runs', 'dir', 'channels'] });
+  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'restore-only'], string: ['runs', 'dir', 'channels'] });
   const channelCounts = String(args.channels ?? '1,2,4').split(',').map(Number);
   const timeBin = fs.existsSync('/usr/bin/time') ? '/usr/bin/time' : null;
   const rss: Record<string, number> = {};
@@ -34,7 +35,7 @@ async function main(): Promise<void> {
     console.error(`${name}: wall ${wall.toFixed(0)} ms, QEMU total-time ${total} ms`);
   };
   try {
-    for (let i = 0; i < runs; i++) {
+    for (let i = 0; i < (args['restore-only'] ? 0 : runs); i++) {
       const image = path.join(dir, 'vm.qcow2');
       let t = performance.now();
       for (const n of channelCounts) {
@@ -69,15 +70,21 @@ async function main(): Promise<void> {
     const s = spawnSync(process.execPath, [CLI, 'save', '-q', '--force', '--qmp', sock, image], { encoding: 'utf8' });
     if (s.status !== 0) throw new Error(`save --qmp: ${s.stderr}`);
     for (let i = 0; i < runs; i++) {
-      const dsock = path.join(dir, `dst-${i}.sock`);
-      const dst = await startVm({ memMiB, paused: true, incoming: 'defer', name: 'bench-qmp-dst', extraArgs: ['-qmp', `unix:${dsock},server=on,wait=off`] });
-      try {
-        const t = performance.now();
-        const r = spawnSync(process.execPath, [CLI, 'restore', '--qmp', dsock, image], { encoding: 'utf8' });
-        if (r.status !== 0) throw new Error(`restore --qmp: ${r.stderr}`);
-        keep('restore --qmp', performance.now() - t, Number(/completed after (\d+) ms/.exec(r.stderr)?.[1] ?? -1));
-      } finally {
-        await dst.stop();
+      for (const n of channelCounts) {
+        const name = n > 1 ? `restore --qmp --channels ${n}` : 'restore --qmp';
+        const dsock = path.join(dir, `dst-${i}-${n}.sock`);
+        const dst = await startVm({ memMiB, paused: true, incoming: 'defer', name: 'bench-qmp-dst', extraArgs: ['-qmp', `unix:${dsock},server=on,wait=off`] });
+        try {
+          const cmd = [CLI, 'restore', '--channels', String(n), '--qmp', dsock, image];
+          const t = performance.now();
+          const r = timeBin ? spawnSync(timeBin, ['-f', 'qemu-snap-peak-rss-kb %M', process.execPath, ...cmd], { encoding: 'utf8' }) : spawnSync(process.execPath, cmd, { encoding: 'utf8' });
+          if (r.status !== 0) throw new Error(`${name}: ${r.stderr}`);
+          keep(name, performance.now() - t, Number(/completed after (\d+) ms/.exec(r.stderr)?.[1] ?? -1));
+          const kb = Number(/qemu-snap-peak-rss-kb (\d+)/.exec(r.stderr)?.[1] ?? 0);
+          rss[name] = Math.max(rss[name] ?? 0, kb);
+        } finally {
+          await dst.stop();
+        }
       }
       const t = performance.now();
       const ex = await startVm({ memMiB, paused: true, incoming: `exec:${shellQuote(process.execPath)} ${shellQuote(CLI)} load -q ${shellQuote(image)}`, name: 'bench-exec-dst' });
@@ -92,7 +99,7 @@ async function main(): Promise<void> {
     await vm.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  console.log(`running KVM VM, ${memMiB} MiB with ${dataMiB} MiB of random data, best of ${runs} (wall: command start to exit, or to completed; the exec: save rows have max-bandwidth raised by the harness; the exec: load row includes QEMU's start-up):`);
+  console.log(`running KVM VM, ${memMiB} MiB with ${dataMiB} MiB of random data, best of ${runs} (wall: command start to exit, or to completed; the exec: save rows have max-bandwidth raised by the harness; the exec: load row includes QEMU's start-up; the restore --qmp rows give ms to completed in the total-time column):`);
   for (const [name, b] of Object.entries(best)) {
     const peak = rss[name] ? `  peak RSS ${(rss[name] / 1024).toFixed(0)} MiB` : '';
     console.log(`  ${name.padEnd(30)} wall ${b.wall.toFixed(0)} ms  QEMU total-time ${b.total} ms${peak}`);

@@ -5,6 +5,7 @@ import { UsageError, formatBytes } from '../src/util/size';
 import { ProgressLine, ProgressMode, ProgressState } from '../src/util/progress';
 import { loadProgress } from '../src/snapshot/progress-state';
 import type { QmpSaveProgress } from '../src/qmp/save';
+import { CACHE_MODES, CacheMode, isCacheMode } from '../src/util/direct-io';
 
 export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save the VM behind a QMP socket (live, then it runs on)
       --stop                  leave the VM stopped afterwards (like virsh save)
@@ -17,7 +18,10 @@ export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save t
   qemu-snap restore --qmp SOCKET [options] IMAGE   restore into a QEMU started with -incoming defer (and -S)
       --postcopy PCT          run the VM after PCT% of the data pages, page in the rest
       --paused                leave the restored VM stopped
-      --no-verify             do not check RAM against the image's digests`;
+      --no-verify             do not check RAM against the image's digests
+      --channels N            migration channels (default 1): N > 1 turns on the destination's multifd
+                              with N channels; data pages go over them (precopy only)
+      --cache MODE            how the image is read: writeback (default) or none/directsync (O_DIRECT)`;
 
 /** True when a save's arguments ask for the QMP-driven save. */
 export function wantsQmp(argv: string[]): boolean {
@@ -140,12 +144,18 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
 }
 
 export async function cmdRestoreQmp(argv: string[], usage: () => void): Promise<void> {
-  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'postcopy', 'max-in-flight'], ['paused', 'verify']);
+  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'postcopy', 'max-in-flight', 'channels', 'cache'], ['paused', 'verify']);
   if (args.help) return usage();
   const { socket, image } = socketAndImage(args, 'IMAGE (the snapshot to restore)');
   const pct = one(args.postcopy, '--postcopy');
   if (pct !== undefined && (!/^\d+(\.\d+)?$/.test(pct) || Number(pct) > 100)) throw new UsageError(`--postcopy: '${pct}' is not a percentage from 0 to 100`);
   const mif = one(args['max-in-flight'], '--max-in-flight');
+  const ch = one(args.channels, '--channels');
+  if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 64)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 64`);
+  const channels = ch === undefined ? 1 : Number(ch);
+  if (channels > 1 && pct !== undefined) throw new UsageError(`--postcopy cannot be combined with --channels ${channels}: QEMU 10.0 refuses postcopy-ram with multifd, 7.2 has no multifd in its postcopy load (use --channels 1)`);
+  const cache = one(args.cache, '--cache');
+  if (cache !== undefined && !isCacheMode(cache)) throw new UsageError(`--cache: '${cache}' is not one of ${CACHE_MODES.join(', ')}`);
   const line = new ProgressLine('restore', progress);
   const sig = onSignals();
   const { restoreViaQmp } = await import('../src/qmp/restore');
@@ -155,13 +165,15 @@ export async function cmdRestoreQmp(argv: string[], usage: () => void): Promise<
       paused: args.paused === true,
       verify: args.verify !== false,
       maxInFlight: mif === undefined ? undefined : Number(mif),
+      channels,
+      cache: cache as CacheMode | undefined,
       signal: sig.signal,
       onProgress: (bytes, _pages, state) => line.update(loadProgress(bytes, state)),
     });
     line.done(loadProgress(r.streamBytes, r));
     if (!quiet) {
       const running = r.runningMs === null ? 'left paused' : `running after ${Math.round(r.runningMs)} ms`;
-      process.stderr.write(`qemu-snap: restored ${image} over QMP: ${running}, completed after ${Math.round(r.completedMs)} ms; the VM is ${r.runState.status}\n`);
+      process.stderr.write(`qemu-snap: restored ${image} over QMP${channels > 1 ? ` (${channels} multifd channels)` : ''}: ${running}, completed after ${Math.round(r.completedMs)} ms; the VM is ${r.runState.status}\n`);
     }
   } catch (err) {
     line.clear();

@@ -74,6 +74,11 @@ export class RamRecordWriter {
     if (gather) this.buffers.push(this.out);
   }
 
+  /** A PART section is open (endSection() would write an EOS). */
+  get open(): boolean {
+    return this.inSection;
+  }
+
   beginSection(): void {
     if (this.inSection) return;
     this.reserve(5);

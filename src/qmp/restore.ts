@@ -11,10 +11,13 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { QemuSnapError } from '../errors';
 import { FdWriter } from '../util/fd-writer';
+import type { CacheMode } from '../util/direct-io';
 import { loadSnapshot, LoadResult, LoadProgress } from '../snapshot/load';
 import { openSnapshot } from '../snapshot/snapshot-image';
-import { QmpClient, QmpCommandError, QmpConnectOptions } from './client';
-import { MigrationInfo, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
+import { QmpClient, QmpCommandError, QmpConnectOptions, QmpTimeoutError } from './client';
+import { MigrationInfo, MigrationSettings, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
+import { IncomingChannels, MultifdChannelSendError, MultifdStallError, connectChannels, privateSocketPath } from './restore-channels';
+import { MultifdPlan, MultifdRestoreError, multifdPlan } from './restore-multifd';
 
 export class QmpRestoreError extends QemuSnapError {
   constructor(
@@ -35,6 +38,20 @@ export interface QmpRestoreOptions {
   signal?: AbortSignal;
   onProgress?(bytes: number, pages: number, state: LoadProgress): void;
   connect?: QmpConnectOptions;
+  /**
+   * Migration channels (default 1: one stream over a socketpair). More turns
+   * on the destination's multifd with multifd-channels N: qemu-snap connects
+   * to its `migrate-incoming unix:PATH` (a private 0700 directory) N+1 times
+   * and sends the data pages over the N multifd channels. Precopy only.
+   */
+  channels?: number;
+  /**
+   * multifd: how long QEMU may leave the channels full, or take to complete
+   * after the whole stream went out (default 60 s), before the restore fails.
+   */
+  multifdStallMs?: number;
+  /** How the image is read (load's --cache): none and directsync read with O_DIRECT. */
+  cache?: CacheMode;
 }
 
 export interface QmpRestoreResult extends LoadResult {
@@ -81,15 +98,42 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
   // QEMU >= 9.1 keeps running after a failed incoming migration and says why
   // in query-migrate; older ones exit, their reason only on their stderr.
   const keepsRunning = qmp.version.major > 9 || (qmp.version.major === 9 && qmp.version.minor >= 1);
+  const channels = opts.channels ?? 1;
+  if (!Number.isInteger(channels) || channels < 1 || channels > 64) throw new QmpRestoreError('qemu-snap', `--channels ${channels}: must be a whole number from 1 to 64; QEMU was not touched`);
+  if (channels > 1 && opts.postcopy !== undefined) {
+    throw new QmpRestoreError(
+      'qemu-snap',
+      `--postcopy cannot be combined with --channels ${channels}: QEMU 10.0 refuses postcopy-ram together with multifd ("Postcopy is not yet compatible with multifd"), and 7.2 accepts the pair but its postcopy load has no multifd support; use --channels 1; QEMU was not touched`,
+    );
+  }
   if (!keepsRunning) await checkRamBlocks(qmp, imagePath);
+  // multifd: what the destination needs to know before anything is sent.
+  const plan: MultifdPlan | null = channels > 1
+    ? await multifdPlan(qmp, imagePath, channels).catch((err: Error) => {
+        throw err instanceof MultifdRestoreError ? new QmpRestoreError('qemu', err.message) : err;
+      })
+    : null;
+
+  // multifd and multifd-channels are put back afterwards.
+  const settings = plan ? new MigrationSettings(qmp) : null;
+  if (plan && settings) {
+    await settings.apply({ multifd: true }, { 'multifd-channels': plan.channels }).catch((err: Error) => {
+      const why = err instanceof QmpCommandError ? err.desc : err.message;
+      void settings.restore().catch(() => undefined);
+      throw new QmpRestoreError('qemu', `the destination refused the multifd capability that --channels ${plan.channels} needs: ${why} (use --channels 1, or change what QEMU names); nothing was sent`);
+    });
+  }
 
   const caps = [{ capability: 'events', state: true }];
   if (opts.postcopy !== undefined) caps.push({ capability: 'postcopy-ram', state: true });
   await qmp.execute('migrate-set-capabilities', { capabilities: caps }).catch((err: Error) => {
     throw new QmpRestoreError('qemu', `setting up the incoming migration: ${err.message}`);
   });
-
-  const [ours, theirs] = socketPair();
+  // One stream: a socketpair, our end written with blocking writes. multifd:
+  // QEMU listens on a socket in a private directory, we connect N+1 times.
+  const [ours, theirs] = plan ? [-1, -1] : socketPair();
+  let socketDir: { path: string; remove: () => Promise<void> } | null = null;
+  let incoming: IncomingChannels | null = null;
   let fdName: string | null = null;
   const t0 = performance.now();
   let runningMs: number | null = null;
@@ -99,24 +143,41 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
   const stopLoad = new AbortController();
   const onOuterAbort = () => stopLoad.abort(opts.signal?.reason);
   opts.signal?.addEventListener('abort', onOuterAbort);
+  // A load waiting for a full multifd channel to drain ends with the restore.
+  stopLoad.signal.addEventListener('abort', () => incoming?.sender.destroy(new QemuSnapError(`restore interrupted (${String(stopLoad.signal.reason ?? 'aborted')})`)));
   const postcopy = opts.postcopy !== undefined;
   // Postcopy reads page requests from the same socket: a Node socket. Precopy
   // writes with blocking writes from one buffer (FdWriter, the fast path).
   const sock = postcopy ? new net.Socket({ fd: ours, readable: true, writable: true }) : null;
   try {
-    fdName = await passFd(qmp, theirs);
-    const args: Record<string, unknown> = { uri: `fd:${fdName}` };
+    let uri: string;
+    if (plan) {
+      socketDir = await privateSocketPath();
+      uri = `unix:${socketDir.path}`;
+    } else {
+      fdName = await passFd(qmp, theirs);
+      uri = `fd:${fdName}`;
+    }
+    const args: Record<string, unknown> = { uri };
     if (keepsRunning) args['exit-on-error'] = false;
     await qmp.execute('migrate-incoming', args).catch((err: Error) => {
       throw new QmpRestoreError('qemu', `QEMU refused migrate-incoming: ${err instanceof QmpCommandError ? err.desc : err.message}`);
     });
     fdName = null;
+    if (plan && socketDir) {
+      incoming = await connectChannels(socketDir.path, { ...plan, stallMs: opts.multifdStallMs, signal: stopLoad.signal }).catch((err: Error) => {
+        if (opts.signal?.aborted) throw new QmpRestoreError('interrupted', `restore interrupted (${String(opts.signal.reason ?? 'aborted')}) while connecting to QEMU`);
+        throw new QmpRestoreError('qemu-snap', err.message);
+      });
+    }
     const loading = loadSnapshot(imagePath, {
-      stdout: sock ?? (new FdWriter(ours) as unknown as NodeJS.WritableStream),
+      multifd: incoming?.sender,
+      stdout: incoming?.main ?? sock ?? (new FdWriter(ours) as unknown as NodeJS.WritableStream),
       returnPath: sock ?? undefined,
       postcopy: opts.postcopy,
       verify: opts.verify,
       maxInFlight: opts.maxInFlight,
+      cache: opts.cache,
       signal: stopLoad.signal,
       onProgress: opts.onProgress,
     }).then(
@@ -155,17 +216,37 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       const q = await Promise.race([qemuDone, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
       if (q?.ok && q.i.status === 'failed' && isPeerGone(first.l.err)) throw await qemuRefused(qmp, imagePath, q.i);
       if (q && !q.ok && isPeerGone(first.l.err)) throw wentAway(q.err, keepsRunning);
+      if (plan && first.l.err instanceof MultifdStallError) throw new QmpRestoreError('qemu', `${first.l.err.message}: ${marksHint(plan)}`);
+      if (first.l.err instanceof MultifdChannelSendError && isPeerGone(first.l.err)) {
+        // 7.2 reports a refused channel (bad uuid, bad packet) only on its stderr.
+        throw new QmpRestoreError('qemu', `QEMU refused the image: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? `: ${q.i['error-desc']}` : '; its reason is on its stderr'}`);
+      }
       throw new QmpRestoreError('qemu-snap', `qemu-snap failed: ${first.l.err.message}${q?.ok && q.i['error-desc'] ? ` (then QEMU: ${q.i['error-desc']})` : ''}`);
     }
-    const q = await qemuDone;
+    // multifd: a destination that waits at other sync marks than the ones
+    // sent (started with -global migration.multifd-flush-after-each-section
+    // against its machine type) never completes: give up some time after the
+    // whole stream went out.
+    const stallMs = opts.multifdStallMs ?? 60_000;
+    const q = plan
+      ? await Promise.race([qemuDone, loading.then((l) => (l.ok ? new Promise<null>((r) => setTimeout(() => r(null), stallMs).unref()) : qemuDone))])
+      : await qemuDone;
+    if (q === null && plan) {
+      stopLoad.abort(new QemuSnapError('stalled'));
+      throw new QmpRestoreError('qemu', `QEMU has not completed ${Math.round(stallMs / 1000)} s after the whole stream went out over ${plan.channels} multifd channels: ${marksHint(plan)}`);
+    }
+    if (q === null) throw new QmpRestoreError('qemu', 'QEMU has not completed');
     if (!q.ok) {
       stopLoad.abort(q.err);
       await loading;
+      if (plan && q.err instanceof QmpTimeoutError) throw new QmpRestoreError('qemu', `QEMU stopped answering QMP during a restore over ${plan.channels} multifd channels (${q.err.message}): ${marksHint(plan)}`);
       throw wentAway(q.err, keepsRunning);
     }
     if (q.i.status !== 'completed') {
       stopLoad.abort(new QemuSnapError(`QEMU ${q.i.status} the migration`));
-      await loading;
+      const l = await loading;
+      // QEMU fails as soon as a stalled restore closes the channels: the stall is the reason.
+      if (plan && !l.ok && l.err instanceof MultifdStallError) throw new QmpRestoreError('qemu', `${l.err.message}: ${marksHint(plan)}`);
       throw await qemuRefused(qmp, imagePath, q.i);
     }
     const completedMs = performance.now() - t0;
@@ -183,8 +264,17 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
     offResume();
     opts.signal?.removeEventListener('abort', onOuterAbort);
     if (fdName && !qmp.closed) await closeFd(qmp, fdName).catch(() => undefined);
+    incoming?.close();
+    if (socketDir) await socketDir.remove().catch(() => undefined);
+    // Only once QEMU is done with the incoming migration: its multifd
+    // cleanup asks the capability whether there is anything to clean up.
+    if (settings && !qmp.closed) {
+      // Bounded: a stalled QEMU must not hold up the end of an interrupted restore.
+      const st = await Promise.race([qmp.execute<MigrationInfo>('query-migrate').catch(() => null), new Promise<null>((r) => setTimeout(() => r(null), 2000).unref())]);
+      if (st && (st.status === 'completed' || st.status === 'failed')) await settings.restore().catch(() => undefined);
+    }
     if (sock) sock.destroy();
-    else {
+    else if (ours >= 0) {
       try {
         fs.closeSync(ours);
       } catch {
@@ -192,6 +282,13 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       }
     }
   }
+}
+
+/** Why a multifd destination may wait for ever: it syncs at other marks than the ones sent. */
+function marksHint(plan: MultifdPlan): string {
+  const sent = plan.marks === 'eos' ? 'syncs at every RAM EOS' : 'one MULTIFD_FLUSH sync';
+  const other = plan.marks === 'eos' ? 'off' : 'on';
+  return `it probably waits at other sync marks than the ${sent} qemu-snap sent for machine type ${plan.machineType || '?'} (was it started with -global migration.multifd-flush-after-each-section=${other}?); use --channels 1`;
 }
 
 function isPeerGone(err: Error): boolean {

@@ -11,6 +11,7 @@ import { RamRecordWriter, RamBlockName, SegmentSink, ramBlockName } from '../mig
 import { unsentRanges, DiscardRange } from '../migration/postcopy';
 import type { RamBlockLayout } from './layout';
 import { PageBits } from '../util/page-bits';
+import { encodeRecord } from '../migration/encoder';
 
 /** A section is closed after this many bytes so the destination makes progress. */
 const SECTION_LIMIT = 8 << 20;
@@ -50,7 +51,38 @@ export interface LoadEncoderOptions {
    * buffer (see RamRecordWriter).
    */
   gather?: SegmentSink;
+  /**
+   * multifd restore: data pages go to the channels instead of the main
+   * stream (zero pages stay on it: 7.2 cannot take them in packets), and
+   * every sync mark the main stream gets is reported, flushed out first.
+   */
+  multifd?: MultifdPageSink;
 }
+
+/**
+ * Where a multifd restore's data pages go. A QEMU destination waits at each
+ * sync mark of the main stream until every channel delivered one SYNC packet
+ * (multifd_recv_sync_main), and a channel waits after its SYNC until the
+ * main stream reached the mark: the counts must match exactly.
+ */
+export interface MultifdPageSink {
+  /**
+   * Which main-stream records are sync marks on the destination: 'eos' every
+   * RAM EOS (QEMU 7.2, and later QEMUs with machine types up to 8.0, where
+   * multifd-flush-after-each-section is on), 'flush' only MULTIFD_FLUSH
+   * records (later machine types); the encoder then adds one MULTIFD_FLUSH
+   * after the last page, so every page has landed before the device state.
+   */
+  readonly marks: 'eos' | 'flush';
+  /** A data page of block `block` at `address`; `data` is the caller's again when this returns. */
+  page(block: string, address: number, data: Buffer, at: number): void;
+  /** The main stream just got a sync mark (already handed on): every channel gets its SYNC now. */
+  sync(): void;
+  /** After each range: a promise while the channels hold more than they may (backpressure). */
+  whenWritable(): Promise<void> | null;
+}
+
+const MULTIFD_FLUSH_RECORD = Buffer.concat(encodeRecord({ type: 'ram-multifd-flush', offset: 0 }));
 
 interface BlockState {
   layout: RamBlockLayout;
@@ -126,10 +158,12 @@ export class LoadEncoder extends Transform {
     }
     try {
       this.encode(read);
-      cb(null);
     } catch (err) {
-      cb(err as Error);
+      return cb(err as Error);
     }
+    const wait = this.opts.multifd?.whenWritable();
+    if (wait) wait.then(() => cb(null), (err: Error) => cb(err));
+    else cb(null);
   }
 
   override _flush(cb: (err: Error | null) => void): void {
@@ -155,9 +189,9 @@ export class LoadEncoder extends Transform {
     const extra = this.opts.interject?.();
     if (extra) this.emitRaw(extra);
     this.encodeRange(read);
-    if (this.writer.sectionBytes >= SECTION_LIMIT) this.writer.endSection();
+    if (this.writer.sectionBytes >= SECTION_LIMIT) this.endSection();
     if (read.urgent || this.opts.flushEachRange?.()) {
-      this.writer.endSection();
+      this.endSection();
       this.writer.flush();
     } else if (this.gathering) {
       // The read's data is the caller's again when encode() returns.
@@ -172,7 +206,17 @@ export class LoadEncoder extends Transform {
     this.start();
     const extra = this.opts.interject?.();
     if (extra) this.emitRaw(extra);
+    const mf = this.opts.multifd;
+    if (mf?.marks === 'flush') {
+      this.writer.beginSection();
+      this.writer.raw(MULTIFD_FLUSH_RECORD);
+      this.writer.endSection();
+      this.markSync();
+    } else {
+      this.endSection();
+    }
     this.writer.endRam();
+    if (mf?.marks === 'eos') this.markSync();
     this.writer.flush();
     const gate = this.opts.beforeSuffix?.();
     if (gate) await gate;
@@ -186,8 +230,21 @@ export class LoadEncoder extends Transform {
     for (const b of this.opts.prefix) this.writer.raw(b);
   }
 
-  private emitRaw(bufs: Buffer[]): void {
+  /** Ends the open section; with multifd on EOS marks, that EOS is a sync point. */
+  private endSection(): void {
+    const wasOpen = this.writer.open;
     this.writer.endSection();
+    if (wasOpen && this.opts.multifd?.marks === 'eos') this.markSync();
+  }
+
+  /** The mark goes out before the channels' SYNC packets can hold their threads at it. */
+  private markSync(): void {
+    this.writer.flush();
+    this.opts.multifd?.sync();
+  }
+
+  private emitRaw(bufs: Buffer[]): void {
+    this.endSection();
     for (const b of bufs) this.writer.raw(b);
     this.writer.flush();
   }
@@ -199,18 +256,23 @@ export class LoadEncoder extends Transform {
     const base = st.layout.offset;
     const data = read.data;
     const zero = this.zeroPage;
+    const multifd = this.opts.multifd;
     let page = (read.offset - base) / ps;
     const end = page + read.length / ps;
     for (let i = 0; page < end; page++, i += ps) {
       if (!st.sent.add(page)) continue;
-      this.writer.beginSection();
       const address = page * ps;
       // Most data pages differ from zero in their first or last byte: test
       // those in JS before paying for a native compare.
       if (data === null || (data[i] === 0 && data[i + ps - 1] === 0 && data.compare(zero, 0, ps, i, i + ps) === 0)) {
+        this.writer.beginSection();
         this.writer.zero(st.name, address);
         this.zeroPagesSent++;
+      } else if (multifd) {
+        multifd.page(st.layout.id, address, data, i);
+        this.dataPagesSent++;
       } else {
+        this.writer.beginSection();
         this.writer.page(st.name, address, data, i);
         this.dataPagesSent++;
       }

@@ -21,7 +21,7 @@ import {
 import { Token } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { InputGate } from './input-gate';
-import { LoadEncoder } from './load-encoder';
+import { LoadEncoder, MultifdPageSink } from './load-encoder';
 import { openSnapshot, SnapshotContents } from './snapshot-image';
 import { encodeRecord } from '../migration/encoder';
 import type { RamBlockLayout } from './layout';
@@ -78,6 +78,11 @@ export interface LoadOptions {
    * size }` for one block. Postcopy into hugepage-backed RAM needs them.
    */
   hostPageSizes?: Array<{ block?: string; size: number }>;
+  /**
+   * multifd restore (restore --qmp --channels N): data pages go to these
+   * channels, the main stream (`stdout`) carries the rest. Precopy only.
+   */
+  multifd?: MultifdPageSink;
 }
 
 /** Where a load stands: every page goes out once, as data or as a ZERO record. */
@@ -257,6 +262,7 @@ export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): P
     }
     const postcopy = opts.postcopy !== undefined;
     if (postcopy && !opts.returnPath) throw new LoadError('postcopy needs the destination return path on stdin');
+    if (postcopy && opts.multifd) throw new LoadError('postcopy cannot be combined with multifd channels');
     return await run(snap, opts, dataFile);
   } finally {
     await snap.image.close().catch(() => undefined);
@@ -286,7 +292,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   // requests while the pipe is full, and urgent reads jump the queue.
   // Under O_DIRECT every read goes through the ordered reader (N in flight):
   // DirectLoadPump's synchronous reads would have one.
-  const pumped = !postcopy && dataFile === null;
+  // multifd channels are sockets written from the event loop: stream pipeline too.
+  const pumped = !postcopy && dataFile === null && !opts.multifd;
   let ownFd: number | null = null;
   let direct: FdWriter | null = null;
   if (pumped && opts.output) {
@@ -308,7 +315,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
     const image = snap.image;
-    const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : null;
+    // multifd copies every page into its packets: its reads can reuse buffers too.
+    const allocate = dataFile ? alignedAllocator(dataFile.memAlign) : opts.multifd ? (size: number) => Buffer.allocUnsafeSlow(size) : null;
     if (allocate) alignedReads = new RunBufferPool(readSize, 2 * maxInFlight + 4, allocate);
     const pool = alignedReads;
     const read = pool && allocate
@@ -371,6 +379,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   const encoder: LoadEncoder = new LoadEncoder({
     sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
     gather: direct?.segmentWriter ?? undefined,
+    multifd: opts.multifd,
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,

@@ -159,7 +159,7 @@ async function readDigests(path: string, image: Qcow2Image, at: number, state: B
 }
 
 /** SECTION_END of the ram section with nothing but EOS, and its footer. */
-function ramEndSection(sectionId: number): Buffer {
+export function ramEndSection(sectionId: number): Buffer {
   const b = Buffer.alloc(18);
   b[0] = Token.SECTION_END;
   b.writeUInt32BE(sectionId, 1);

@@ -1,6 +1,6 @@
 // Hand-built multifd channel bytes, shaped like QEMU 7.2's and 10.0's
 // (src/migration/multifd.ts describes the layout).
-import { MULTIFD_MAGIC, MULTIFD_HEADER_SIZE } from '../../src/migration/multifd';
+import { MULTIFD_MAGIC, MULTIFD_HEADER_SIZE, MultifdChannelParser, MultifdRecord } from '../../src/migration/multifd';
 
 export const PAGE = 4096;
 const SLOTS = (512 * 1024) / PAGE;
@@ -47,3 +47,19 @@ export function packet(p: PacketSpec): Buffer {
   return Buffer.concat([h, data]);
 }
 
+
+/** Parses one channel's bytes (in `cut`-byte writes when cut > 0) with blocks of the given lengths. */
+export async function parseChannel(bytes: Buffer, blocks: Record<string, number>, cut = 0, pageSize = PAGE): Promise<MultifdRecord[]> {
+  const p = new MultifdChannelParser({ pageSize, blockLength: (id) => blocks[id] });
+  const out: MultifdRecord[] = [];
+  const done = new Promise<void>((resolve, reject) => {
+    p.on('data', (r: unknown) => out.push(r as MultifdRecord));
+    p.on('end', resolve);
+    p.on('error', reject);
+  });
+  if (cut > 0) for (let i = 0; i < bytes.length; i += cut) p.write(bytes.subarray(i, i + cut));
+  else p.write(bytes);
+  p.end(null);
+  await done;
+  return out;
+}

@@ -2,26 +2,15 @@
 // QEMU 7.2 and 10.0 send (test/e2e/multifd.test.ts checks real ones).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { MultifdChannelParser, MultifdRecord, MultifdPacketRecord, MULTIFD_MAGIC } from '../../src/migration/multifd';
-import { init, packet, PacketSpec } from './multifd-packets';
+import { MultifdRecord, MultifdPacketRecord, MULTIFD_MAGIC } from '../../src/migration/multifd';
+import { init, packet, PacketSpec, parseChannel } from './multifd-packets';
 
 const PAGE = 4096;
 const SLOTS = (512 * 1024) / PAGE;
 const BLOCKS: Record<string, number> = { 'pc.ram': 64 << 20, '/rom@etc/acpi/tables': 128 << 10 };
 
-async function parse(bytes: Buffer, cut = 0): Promise<MultifdRecord[]> {
-  const p = new MultifdChannelParser({ pageSize: PAGE, blockLength: (id) => BLOCKS[id] });
-  const out: MultifdRecord[] = [];
-  const done = new Promise<void>((resolve, reject) => {
-    p.on('data', (r: unknown) => out.push(r as MultifdRecord));
-    p.on('end', resolve);
-    p.on('error', reject);
-  });
-  if (cut > 0) for (let i = 0; i < bytes.length; i += cut) p.write(bytes.subarray(i, i + cut));
-  else p.write(bytes);
-  p.end(null);
-  await done;
-  return out;
+function parse(bytes: Buffer, cut = 0): Promise<MultifdRecord[]> {
+  return parseChannel(bytes, BLOCKS, cut);
 }
 
 const packets = (rs: MultifdRecord[]) => rs.filter((r): r is MultifdPacketRecord => r.type === 'multifd-packet');
