@@ -64,6 +64,14 @@ function isConsumer(fd: number): boolean {
   }
 }
 
+function isRegularFile(fd: number): boolean {
+  try {
+    return fstatSync(fd).isFile();
+  } catch {
+    return false;
+  }
+}
+
 function isReaderGone(code: unknown): boolean {
   return code === 'EPIPE' || code === 'ECONNRESET';
 }
@@ -367,8 +375,10 @@ async function cmdLoad(argv: string[]): Promise<void> {
   const ac = abortOnSignals('load');
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
-    // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
-    const out = outputPath !== undefined ? undefined : isPipe(1) ? new FdWriter(1) : stdout();
+    // A pipe (QEMU's exec:, a shell pipe) or a file (`> F`) is written by
+    // descriptor: synchronously from the reads in precopy, from the thread
+    // pool in postcopy. Sockets keep Node's stream.
+    const out = outputPath !== undefined ? undefined : isPipe(1) || isRegularFile(1) ? new FdWriter(1) : stdout();
     if (out && loadStreamBytes) loadStreamBytes = () => out.bytesWritten;
     const r = await loadSnapshot(image, {
       output: outputPath,

@@ -50,6 +50,8 @@ export interface LoadEncoderOptions {
    * buffer (see RamRecordWriter).
    */
   gather?: SegmentSink;
+  /** With `sink`: awaited after each read is encoded, before the next (a full pipe's leftovers). */
+  drain?: () => Promise<void> | null;
 }
 
 interface BlockState {
@@ -124,12 +126,18 @@ export class LoadEncoder extends Transform {
         return;
       }
     }
+    let wait: Promise<void> | null | undefined;
     try {
       this.encode(read);
-      cb(null);
+      wait = this.opts.drain?.();
     } catch (err) {
-      cb(err as Error);
+      return cb(err as Error);
     }
+    if (!wait) return cb(null);
+    wait.then(
+      () => cb(null),
+      (err: Error) => cb(err),
+    );
   }
 
   override _flush(cb: (err: Error | null) => void): void {

@@ -286,13 +286,16 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   // requests while the pipe is full, and urgent reads jump the queue.
   // Under O_DIRECT every read goes through the ordered reader (N in flight):
   // DirectLoadPump's synchronous reads would have one.
+  // Either way a precopy to a descriptor writes synchronously, pages by
+  // reference from the reads (no output chunks): a read is free again as
+  // soon as it was encoded.
   const pumped = !postcopy && dataFile === null;
   let ownFd: number | null = null;
   let direct: FdWriter | null = null;
-  if (pumped && opts.output) {
+  if (!postcopy && opts.output) {
     ownFd = await openOutput(opts.output, opts.signal);
     direct = new FdWriter(ownFd);
-  } else if (pumped && !opts.output && opts.stdout instanceof FdWriter) {
+  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
     direct = opts.stdout;
   }
   let pump: DirectLoadPump | null = null;
@@ -303,7 +306,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   const releaseRead = (read: BlockRead): void => {
     if (alignedReads && read.data) alignedReads.release(read.data);
   };
-  if (direct) {
+  if (direct && pumped) {
     const writer = direct;
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
@@ -371,6 +374,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   const encoder: LoadEncoder = new LoadEncoder({
     sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
     gather: direct?.segmentWriter ?? undefined,
+    // What a full pipe did not take is kept aside: written before the next read.
+    drain: direct ? () => direct?.flushPending() ?? null : undefined,
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,
@@ -478,6 +483,11 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
       await direct.flushPending();
       await pump.run();
       await encoder.finish();
+      await direct.flushPending();
+      (direct as unknown as NodeJS.WritableStream).end();
+    } else if (reader && direct) {
+      // The encoder writes as it goes: the pipeline's end only takes the end.
+      await pumpAsync(reader, encoder, new Writable({ write: (_data: unknown, cb: (err: Error | null) => void) => cb(null) }));
       await direct.flushPending();
       (direct as unknown as NodeJS.WritableStream).end();
     } else if (reader) {
