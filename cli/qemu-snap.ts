@@ -12,7 +12,7 @@ import { ProgressLine, ProgressMode } from '../src/util/progress';
 import { saveProgress, loadProgress, verifyProgress } from '../src/snapshot/progress-state';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
-import { AIO_MODES, CACHE_MODES, AioMode, CacheMode, isAioMode, isCacheMode } from '../src/util/direct-io';
+import { cacheOptions } from './cache-args';
 import { FdWriter, isPipe, makeNonBlocking } from '../src/util/fd-writer';
 import { native } from '../src/util/native';
 import { FdReader } from '../src/util/fd-reader';
@@ -191,16 +191,6 @@ function positiveInt(v: unknown, what: string): number | undefined {
   if (s === undefined) return undefined;
   if (!/^\d+$/.test(s) || Number(s) < 1 || Number(s) > 1024) fail(`${what}: '${s}' is not a whole number from 1 to 1024`);
   return Number(s);
-}
-
-/** --cache / -n/--nocache / --aio of save and load. */
-function cacheOptions(args: minimist.ParsedArgs): { cache: CacheMode | undefined; aio: AioMode | undefined } {
-  const cacheArg = oneString(args.cache, '--cache');
-  if (cacheArg !== undefined && !isCacheMode(cacheArg)) fail(`--cache: '${cacheArg}' is not one of ${CACHE_MODES.join(', ')}`);
-  if (args.nocache === true && cacheArg !== undefined && cacheArg !== 'none') fail(`-n/--nocache means --cache=none, not --cache=${cacheArg}`);
-  const aioArg = oneString(args.aio, '--aio');
-  if (aioArg !== undefined && !isAioMode(aioArg)) fail(`--aio: '${aioArg}' is not one of ${AIO_MODES.join(', ')}`);
-  return { cache: args.nocache === true ? 'none' : (cacheArg as CacheMode | undefined), aio: aioArg as AioMode | undefined };
 }
 
 function onePositional(args: minimist.ParsedArgs, what: string): string {

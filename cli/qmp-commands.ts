@@ -5,6 +5,7 @@ import { UsageError, formatBytes } from '../src/util/size';
 import { ProgressLine, ProgressMode, ProgressState } from '../src/util/progress';
 import { loadProgress } from '../src/snapshot/progress-state';
 import type { QmpSaveProgress } from '../src/qmp/save';
+import { cacheOptions } from './cache-args';
 
 export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save the VM behind a QMP socket (live, then it runs on)
       --stop                  leave the VM stopped afterwards (like virsh save)
@@ -13,6 +14,7 @@ export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save t
       --max-bandwidth RATE    bytes/s for this migration (default 100G: no limit to speak of)
       --channels N            migration channels (default 1): N > 1 turns on QEMU's multifd with
                               N channels, connected to a private unix socket of ours
+      --cache=MODE, -n, --aio=MODE   as for save: the image's host cache and I/O engine
       -f, --force             replace an existing IMAGE
   qemu-snap restore --qmp SOCKET [options] IMAGE   restore into a QEMU started with -incoming defer (and -S)
       --postcopy PCT          run the VM after PCT% of the data pages, page in the rest
@@ -86,7 +88,7 @@ function qmpSaveState(p: QmpSaveProgress): ProgressState {
 }
 
 export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<void> {
-  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size', 'channels'], ['stop', 'background', 'force'], { f: 'force', S: 'page-size' });
+  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size', 'channels', 'cache', 'aio'], ['stop', 'background', 'force', 'nocache'], { f: 'force', S: 'page-size', n: 'nocache' });
   if (args.help) return usage();
   const { socket, image } = socketAndImage(args, 'IMAGE (the snapshot file to write)');
   if (args.stop && args.background) throw new UsageError('--stop and --background exclude each other');
@@ -102,6 +104,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
   const ch = one(args.channels, '--channels');
   if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 64)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 64`);
   let channels = ch === undefined ? 1 : Number(ch);
+  const { cache, aio } = cacheOptions(args);
   if (args.background && channels > 1) {
     // QEMU refuses background-snapshot together with multifd.
     if (!quiet) process.stderr.write(`qemu-snap: --background saves over one channel (QEMU cannot combine background-snapshot with multifd): --channels ${channels} ignored\n`);
@@ -120,6 +123,8 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
       pageSize: ps === undefined ? undefined : parseSize(ps, '--page-size'),
       maxInFlight: mif === undefined ? undefined : Number(mif),
       channels,
+      cache,
+      aio,
       signal: sig.signal,
       onProgress: (p) => line.update(qmpSaveState(p)),
     });

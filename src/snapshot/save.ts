@@ -499,6 +499,18 @@ async function checkDirectory(typedDir: string, imagePath: string): Promise<void
 }
 
 /**
+ * Refuses a cache mode or I/O engine this image's directory or this build
+ * cannot do, as saveSnapshot would, before any stream exists (save --qmp
+ * checks before it touches QEMU).
+ */
+export function checkSaveCache(imagePath: string, cache?: CacheMode, aio?: AioMode): void {
+  const policy = cachePolicy(cache);
+  const what = `save --cache=${policy.mode}`;
+  checkAioMode(aio ?? 'threads', policy, 'save');
+  if (policy.direct) probeDirect(tempName(path.resolve(imagePath)), what, imagePath);
+}
+
+/**
  * Creates `tmpPath`, opens it with O_DIRECT and removes it again: the
  * direct-I/O memory alignment when the file system does direct I/O, a
  * DirectIoError naming the mode and `shown` when it does not.
