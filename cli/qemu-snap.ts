@@ -12,7 +12,7 @@ import { ProgressLine, ProgressMode } from '../src/util/progress';
 import { saveProgress, loadProgress, verifyProgress } from '../src/snapshot/progress-state';
 // Each command loads its own modules (below, with import()): a restore
 // should not pay for compiling the save pipeline, and the reverse.
-import { AIO_MODES, CACHE_MODES, AioMode, CacheMode, isAioMode, isCacheMode } from '../src/util/direct-io';
+import { cacheOptions } from './cache-args';
 import { FdWriter, isPipe, makeNonBlocking } from '../src/util/fd-writer';
 import { native } from '../src/util/native';
 import { FdReader } from '../src/util/fd-reader';
@@ -59,6 +59,14 @@ function isConsumer(fd: number): boolean {
   try {
     const st = fstatSync(fd);
     return st.isFIFO() || st.isSocket();
+  } catch {
+    return false;
+  }
+}
+
+function isRegularFile(fd: number): boolean {
+  try {
+    return fstatSync(fd).isFile();
   } catch {
     return false;
   }
@@ -183,16 +191,6 @@ function positiveInt(v: unknown, what: string): number | undefined {
   if (s === undefined) return undefined;
   if (!/^\d+$/.test(s) || Number(s) < 1 || Number(s) > 1024) fail(`${what}: '${s}' is not a whole number from 1 to 1024`);
   return Number(s);
-}
-
-/** --cache / -n/--nocache / --aio of save and load. */
-function cacheOptions(args: minimist.ParsedArgs): { cache: CacheMode | undefined; aio: AioMode | undefined } {
-  const cacheArg = oneString(args.cache, '--cache');
-  if (cacheArg !== undefined && !isCacheMode(cacheArg)) fail(`--cache: '${cacheArg}' is not one of ${CACHE_MODES.join(', ')}`);
-  if (args.nocache === true && cacheArg !== undefined && cacheArg !== 'none') fail(`-n/--nocache means --cache=none, not --cache=${cacheArg}`);
-  const aioArg = oneString(args.aio, '--aio');
-  if (aioArg !== undefined && !isAioMode(aioArg)) fail(`--aio: '${aioArg}' is not one of ${AIO_MODES.join(', ')}`);
-  return { cache: args.nocache === true ? 'none' : (cacheArg as CacheMode | undefined), aio: aioArg as AioMode | undefined };
 }
 
 function onePositional(args: minimist.ParsedArgs, what: string): string {
@@ -367,8 +365,10 @@ async function cmdLoad(argv: string[]): Promise<void> {
   const ac = abortOnSignals('load');
   try {
     const { loadSnapshot } = await import('../src/snapshot/load');
-    // A pipe (QEMU's exec:, a shell pipe) is written from the thread pool.
-    const out = outputPath !== undefined ? undefined : isPipe(1) ? new FdWriter(1) : stdout();
+    // A pipe (QEMU's exec:, a shell pipe) or a file (`> F`) is written by
+    // descriptor: synchronously from the reads in precopy, from the thread
+    // pool in postcopy. Sockets keep Node's stream.
+    const out = outputPath !== undefined ? undefined : isPipe(1) || isRegularFile(1) ? new FdWriter(1) : stdout();
     if (out && loadStreamBytes) loadStreamBytes = () => out.bytesWritten;
     const r = await loadSnapshot(image, {
       output: outputPath,

@@ -5,7 +5,7 @@ import { UsageError, formatBytes } from '../src/util/size';
 import { ProgressLine, ProgressMode, ProgressState } from '../src/util/progress';
 import { loadProgress } from '../src/snapshot/progress-state';
 import type { QmpSaveProgress } from '../src/qmp/save';
-import { CACHE_MODES, CacheMode, isCacheMode } from '../src/util/direct-io';
+import { cacheOptions } from './cache-args';
 
 export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save the VM behind a QMP socket (live, then it runs on)
       --stop                  leave the VM stopped afterwards (like virsh save)
@@ -14,6 +14,7 @@ export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save t
       --max-bandwidth RATE    bytes/s for this migration (default 100G: no limit to speak of)
       --channels N            migration channels (default 1): N > 1 turns on QEMU's multifd with
                               N channels, connected to a private unix socket of ours
+      --cache=MODE, -n, --aio=MODE   as for save: the image's host cache and I/O engine
       -f, --force             replace an existing IMAGE
   qemu-snap restore --qmp SOCKET [options] IMAGE   restore into a QEMU started with -incoming defer (and -S)
       --postcopy PCT          run the VM after PCT% of the data pages, page in the rest
@@ -21,7 +22,7 @@ export const QMP_USAGE = `  qemu-snap save --qmp SOCKET [options] IMAGE   save t
       --no-verify             do not check RAM against the image's digests
       --channels N            migration channels (default 1): N > 1 turns on the destination's multifd
                               with N channels; data pages go over them (precopy only)
-      --cache MODE            how the image is read: writeback (default) or none/directsync (O_DIRECT)`;
+      --cache=MODE, -n, --aio=MODE   as for load: none/directsync read the image with O_DIRECT`;
 
 /** True when a save's arguments ask for the QMP-driven save. */
 export function wantsQmp(argv: string[]): boolean {
@@ -90,7 +91,7 @@ function qmpSaveState(p: QmpSaveProgress): ProgressState {
 }
 
 export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<void> {
-  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size', 'channels'], ['stop', 'background', 'force'], { f: 'force', S: 'page-size' });
+  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'downtime-limit', 'max-bandwidth', 'cluster-size', 'max-in-flight', 'page-size', 'channels', 'cache', 'aio'], ['stop', 'background', 'force', 'nocache'], { f: 'force', S: 'page-size', n: 'nocache' });
   if (args.help) return usage();
   const { socket, image } = socketAndImage(args, 'IMAGE (the snapshot file to write)');
   if (args.stop && args.background) throw new UsageError('--stop and --background exclude each other');
@@ -106,6 +107,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
   const ch = one(args.channels, '--channels');
   if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 64)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 64`);
   let channels = ch === undefined ? 1 : Number(ch);
+  const { cache, aio } = cacheOptions(args);
   if (args.background && channels > 1) {
     // QEMU refuses background-snapshot together with multifd.
     if (!quiet) process.stderr.write(`qemu-snap: --background saves over one channel (QEMU cannot combine background-snapshot with multifd): --channels ${channels} ignored\n`);
@@ -124,6 +126,8 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
       pageSize: ps === undefined ? undefined : parseSize(ps, '--page-size'),
       maxInFlight: mif === undefined ? undefined : Number(mif),
       channels,
+      cache,
+      aio,
       signal: sig.signal,
       onProgress: (p) => line.update(qmpSaveState(p)),
     });
@@ -144,7 +148,7 @@ export async function cmdSaveQmp(argv: string[], usage: () => void): Promise<voi
 }
 
 export async function cmdRestoreQmp(argv: string[], usage: () => void): Promise<void> {
-  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'postcopy', 'max-in-flight', 'channels', 'cache'], ['paused', 'verify']);
+  const { args, quiet, progress } = parseArgs(argv, ['qmp', 'postcopy', 'max-in-flight', 'channels', 'cache', 'aio'], ['paused', 'verify', 'nocache'], { n: 'nocache' });
   if (args.help) return usage();
   const { socket, image } = socketAndImage(args, 'IMAGE (the snapshot to restore)');
   const pct = one(args.postcopy, '--postcopy');
@@ -154,8 +158,7 @@ export async function cmdRestoreQmp(argv: string[], usage: () => void): Promise<
   if (ch !== undefined && (!/^\d+$/.test(ch) || Number(ch) < 1 || Number(ch) > 64)) throw new UsageError(`--channels: '${ch}' is not a whole number from 1 to 64`);
   const channels = ch === undefined ? 1 : Number(ch);
   if (channels > 1 && pct !== undefined) throw new UsageError(`--postcopy cannot be combined with --channels ${channels}: QEMU 10.0 refuses postcopy-ram with multifd, 7.2 has no multifd in its postcopy load (use --channels 1)`);
-  const cache = one(args.cache, '--cache');
-  if (cache !== undefined && !isCacheMode(cache)) throw new UsageError(`--cache: '${cache}' is not one of ${CACHE_MODES.join(', ')}`);
+  const { cache, aio } = cacheOptions(args);
   const line = new ProgressLine('restore', progress);
   const sig = onSignals();
   const { restoreViaQmp } = await import('../src/qmp/restore');
@@ -166,7 +169,8 @@ export async function cmdRestoreQmp(argv: string[], usage: () => void): Promise<
       verify: args.verify !== false,
       maxInFlight: mif === undefined ? undefined : Number(mif),
       channels,
-      cache: cache as CacheMode | undefined,
+      cache,
+      aio,
       signal: sig.signal,
       onProgress: (bytes, _pages, state) => line.update(loadProgress(bytes, state)),
     });

@@ -11,8 +11,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { QemuSnapError } from '../errors';
 import { FdWriter } from '../util/fd-writer';
-import type { CacheMode } from '../util/direct-io';
-import { loadSnapshot, LoadResult, LoadProgress } from '../snapshot/load';
+import type { AioMode, CacheMode } from '../util/direct-io';
+import { checkLoadCache, loadSnapshot, LoadResult, LoadProgress } from '../snapshot/load';
 import { openSnapshot } from '../snapshot/snapshot-image';
 import { QmpClient, QmpCommandError, QmpConnectOptions, QmpTimeoutError } from './client';
 import { MigrationInfo, MigrationSettings, RunState, closeFd, passFd, socketPair, waitMigration } from './migration';
@@ -52,6 +52,8 @@ export interface QmpRestoreOptions {
   multifdStallMs?: number;
   /** How the image is read (load's --cache): none and directsync read with O_DIRECT. */
   cache?: CacheMode;
+  /** The I/O engine for O_DIRECT reads (load's --aio). */
+  aio?: AioMode;
 }
 
 export interface QmpRestoreResult extends LoadResult {
@@ -105,6 +107,11 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       'qemu-snap',
       `--postcopy cannot be combined with --channels ${channels}: QEMU 10.0 refuses postcopy-ram together with multifd ("Postcopy is not yet compatible with multifd"), and 7.2 accepts the pair but its postcopy load has no multifd support; use --channels 1; QEMU was not touched`,
     );
+  }
+  try {
+    checkLoadCache(imagePath, opts.cache, opts.aio);
+  } catch (err) {
+    throw new QmpRestoreError('qemu-snap', `${(err as Error).message}; QEMU was not touched`);
   }
   if (!keepsRunning) await checkRamBlocks(qmp, imagePath);
   // multifd: what the destination needs to know before anything is sent.
@@ -178,6 +185,7 @@ async function runRestore(qmp: QmpClient, imagePath: string, opts: QmpRestoreOpt
       verify: opts.verify,
       maxInFlight: opts.maxInFlight,
       cache: opts.cache,
+      aio: opts.aio,
       signal: stopLoad.signal,
       onProgress: opts.onProgress,
     }).then(

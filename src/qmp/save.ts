@@ -14,7 +14,8 @@ import * as path from 'node:path';
 import { QemuSnapError } from '../errors';
 import { FdReader } from '../util/fd-reader';
 import { FdWriter } from '../util/fd-writer';
-import { saveSnapshot, SaveResult } from '../snapshot/save';
+import { checkSaveCache, saveSnapshot, SaveResult } from '../snapshot/save';
+import { AioMode, CacheMode } from '../util/direct-io';
 import { MultifdMerger } from '../migration/multifd-merger';
 import { ChannelKind, ChannelListener, listenPrivate } from './channels';
 import type * as net from 'node:net';
@@ -58,6 +59,9 @@ export interface QmpSaveOptions {
   clusterSize?: number;
   pageSize?: number;
   maxInFlight?: number;
+  /** The image's host cache mode and I/O engine, as for saveSnapshot. */
+  cache?: CacheMode;
+  aio?: AioMode;
   /** Aborting (SIGINT) cancels QEMU's migration and leaves nothing behind. */
   signal?: AbortSignal;
   onProgress?(p: QmpSaveProgress): void;
@@ -119,6 +123,11 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
   await fs.promises.access(imageDir, fs.constants.W_OK | fs.constants.X_OK).catch((err: NodeJS.ErrnoException) => {
     throw new QmpSaveError('qemu-snap', `${imageDir}: cannot write the image there (${err.code ?? err.message}); QEMU was not touched`);
   });
+  try {
+    checkSaveCache(imagePath, opts.cache, opts.aio);
+  } catch (err) {
+    throw new QmpSaveError('qemu-snap', `${(err as Error).message}; QEMU was not touched`);
+  }
   const before = await qmp.execute<RunState>('query-status');
   const state = await qmp.execute<MigrationInfo>('query-migrate');
   if (isInProgress(state.status)) throw new QmpSaveError('qemu', `QEMU is already migrating (status ${state.status}): nothing was changed`);
@@ -237,6 +246,8 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
       clusterSize: opts.clusterSize,
       pageSize: opts.pageSize,
       maxInFlight: opts.maxInFlight,
+      cache: opts.cache,
+      aio: opts.aio,
       multifd: merger,
       returnPath: mode === 'background' ? undefined : returnPath,
       // The stream's own end (VMDESCRIPTION) tells us it is complete; QEMU

@@ -57,6 +57,8 @@ export interface LoadEncoderOptions {
    * every sync mark the main stream gets is reported, flushed out first.
    */
   multifd?: MultifdPageSink;
+  /** With `sink`: awaited after each read is encoded, before the next (a full pipe's leftovers). */
+  drain?: () => Promise<void> | null;
 }
 
 /**
@@ -156,14 +158,22 @@ export class LoadEncoder extends Transform {
         return;
       }
     }
+    let wait: Promise<void> | null | undefined;
     try {
       this.encode(read);
+      wait = this.opts.drain?.();
     } catch (err) {
       return cb(err as Error);
     }
-    const wait = this.opts.multifd?.whenWritable();
-    if (wait) wait.then(() => cb(null), (err: Error) => cb(err));
-    else cb(null);
+    // The main stream's leftovers first, then the channels' backpressure.
+    const multifd = this.opts.multifd;
+    if (wait && multifd) wait = wait.then(() => multifd.whenWritable() ?? undefined);
+    else if (!wait) wait = multifd?.whenWritable();
+    if (!wait) return cb(null);
+    wait.then(
+      () => cb(null),
+      (err: Error) => cb(err),
+    );
   }
 
   override _flush(cb: (err: Error | null) => void): void {

@@ -236,6 +236,17 @@ function* buildPlan(runs: Array<{ index: number; offset: number; length: number;
   }
 }
 
+/**
+ * What loadSnapshot would refuse first about its cache and aio modes (an aio
+ * engine without O_DIRECT, a file system without direct I/O), checked
+ * without reading anything: restore --qmp asks before it touches QEMU.
+ */
+export function checkLoadCache(imagePath: string, cache?: CacheMode, aio?: AioMode): void {
+  const policy = cachePolicy(cache);
+  checkAioMode(aio ?? 'threads', policy, 'load');
+  if (policy.direct) openDirect(imagePath, fs.constants.O_RDONLY, `load --cache=${policy.mode}`, imagePath, { aio: aio ?? 'threads', maxInFlight: 1 }).close();
+}
+
 export async function loadSnapshot(imagePath: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const policy = cachePolicy(opts.cache);
   checkAioMode(opts.aio ?? 'threads', policy, 'load');
@@ -293,13 +304,16 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   // Under O_DIRECT every read goes through the ordered reader (N in flight):
   // DirectLoadPump's synchronous reads would have one.
   // multifd channels are sockets written from the event loop: stream pipeline too.
+  // Either way a precopy to a descriptor writes synchronously, pages by
+  // reference from the reads (no output chunks): a read is free again as
+  // soon as it was encoded.
   const pumped = !postcopy && dataFile === null && !opts.multifd;
   let ownFd: number | null = null;
   let direct: FdWriter | null = null;
-  if (pumped && opts.output) {
+  if (!postcopy && opts.output) {
     ownFd = await openOutput(opts.output, opts.signal);
     direct = new FdWriter(ownFd);
-  } else if (pumped && !opts.output && opts.stdout instanceof FdWriter) {
+  } else if (!postcopy && !opts.output && opts.stdout instanceof FdWriter) {
     direct = opts.stdout;
   }
   let pump: DirectLoadPump | null = null;
@@ -310,7 +324,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
   const releaseRead = (read: BlockRead): void => {
     if (alignedReads && read.data) alignedReads.release(read.data);
   };
-  if (direct) {
+  if (direct && pumped) {
     const writer = direct;
     pump = new DirectLoadPump(snap.image, plan, (read) => encoder.encode(read), { readSize, drain: () => writer.flushPending() });
   } else {
@@ -380,6 +394,8 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
     sink: direct ? (chunk) => direct?.writeSync(chunk) : undefined,
     gather: direct?.segmentWriter ?? undefined,
     multifd: opts.multifd,
+    // What a full pipe did not take is kept aside: written before the next read.
+    drain: direct ? () => direct?.flushPending() ?? null : undefined,
     blocks: snap.blocks,
     pageSize: ps,
     ramSectionId: snap.ramSection.sectionId,
@@ -487,6 +503,11 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
       await direct.flushPending();
       await pump.run();
       await encoder.finish();
+      await direct.flushPending();
+      (direct as unknown as NodeJS.WritableStream).end();
+    } else if (reader && direct) {
+      // The encoder writes as it goes: the pipeline's end only takes the end.
+      await pumpAsync(reader, encoder, new Writable({ write: (_data: unknown, cb: (err: Error | null) => void) => cb(null) }));
       await direct.flushPending();
       (direct as unknown as NodeJS.WritableStream).end();
     } else if (reader) {

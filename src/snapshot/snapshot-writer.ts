@@ -61,6 +61,8 @@ export interface SnapshotWriterOptions {
   segmentRuns?: boolean;
   /** Makes a run buffer of `size` bytes (default Buffer.allocUnsafeSlow); aligned memory for O_DIRECT. */
   allocateRun?: (size: number) => Buffer;
+  /** Bytes of runs queued for the ring before this writer reports backpressure (default 4 MiB). */
+  highWaterMark?: number;
 }
 
 /**
@@ -176,7 +178,7 @@ export class SnapshotWriter extends Transform {
 
   constructor(private readonly opts: SnapshotWriterOptions) {
     super({
-      highWaterMark: 4 << 20,
+      highWaterMark: opts.highWaterMark ?? 4 << 20,
       // A run's stream bytes, not an object's nominal size: queued runs pin
       // their input chunks, and counting them small let 700 chunks pile up.
       byteLengthWritable: (r: unknown) => {
