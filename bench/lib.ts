@@ -1,7 +1,7 @@
 // Timing helpers for the benchmarks: best-of-N, shell pipelines timed from
 // node, the qemu-snap CLI's stats line (peak RSS, request latencies), the
 // machine description and the results table.
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -83,6 +83,17 @@ export function parseStats(text: string): CliStats {
 
 export function statsFromFile(file: string): CliStats {
   return parseStats(fs.readFileSync(file, 'utf8'));
+}
+
+/** Drops the page cache (root only); false when it cannot. */
+export function dropPageCache(): boolean {
+  try {
+    execFileSync('sync');
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Shell-quote one word. */

@@ -11,12 +11,14 @@ import { execFileSync } from 'node:child_process';
 import minimist from 'minimist';
 import { Writable } from 'streamx';
 import { MigrationFramer } from '../src/migration/framer';
+import { ChannelsBench } from './channels';
 import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions, QEMU_BINARY } from '../test/e2e/lib';
 import {
   BenchError,
   Row,
   Timing,
   allocatedBytes,
+  dropPageCache,
   bestOf,
   formatMachine,
   formatTable,
@@ -365,15 +367,8 @@ class Bench {
     }
   }
 
-  /** Drops the page cache (root only); false when it cannot. */
   private dropCaches(): boolean {
-    try {
-      execFileSync('sync');
-      fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
-      return true;
-    } catch {
-      return false;
-    }
+    return dropPageCache();
   }
 
   /**
@@ -589,12 +584,12 @@ function timeFramer(file: string): Promise<number> {
 }
 
 /** The parts `--only` can pick. */
-const PARTS = ['save-pipe', 'load-pipe', 'framer', 'qemu-save', 'qemu-restore', 'postcopy', 'cache'];
+const PARTS = ['save-pipe', 'load-pipe', 'framer', 'qemu-save', 'qemu-restore', 'postcopy', 'cache', 'channels'];
 
 async function main(): Promise<void> {
-  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help'], string: ['runs', 'dir', 'json', 'md', 'only'] });
+  const args = minimist(process.argv.slice(2), { boolean: ['quick', 'help', 'big'], string: ['runs', 'dir', 'json', 'md', 'only', 'channels'], default: { big: true } });
   if (args.help) {
-    process.stdout.write(`usage: node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE] [--md FILE] [--only ${PARTS.join(',')}]\n`);
+    process.stdout.write(`usage: node dist/bench/run.js [--quick] [--runs N] [--dir TMPDIR] [--json FILE] [--md FILE] [--only ${PARTS.join(',')}] [--channels 1,2,4] [--no-big]\n`);
     return;
   }
   const only = typeof args.only === 'string' ? args.only.split(',') : PARTS;
@@ -618,13 +613,21 @@ async function main(): Promise<void> {
   try {
     await b.prepare();
     // load-pipe and qemu-restore need the image save-pipe makes.
-    if (only.some((p) => p !== 'framer' && p !== 'qemu-save' && p !== 'cache')) await b.savePipe();
+    if (only.some((p) => p !== 'framer' && p !== 'qemu-save' && p !== 'cache' && p !== 'channels')) await b.savePipe();
     if (only.includes('load-pipe')) await b.loadPipe();
     if (only.includes('framer')) await b.framer();
     if (only.includes('qemu-save')) await b.qemuSave();
     if (only.includes('qemu-restore') || only.includes('postcopy')) await b.qemuRestore();
     if (only.includes('postcopy')) await b.postcopy();
     if (only.includes('cache')) await b.cacheModes();
+    if (only.includes('channels')) {
+      const channels = String(args.channels ?? '1,2,4').split(',').map(Number);
+      if (channels.some((n) => !Number.isInteger(n) || n < 1 || n > 64)) throw new BenchError(`--channels: '${args.channels}' is not a list of channel counts`);
+      const c = new ChannelsBench({ memMiB, dataMiB, runs, dir, pattern: b.pattern, channels, big: !quick && args.big !== false, log });
+      await c.run();
+      b.rows.push(...c.rows);
+      b.notes.push(...c.notes);
+    }
     b.rssRows();
   } finally {
     cleanup();
