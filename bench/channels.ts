@@ -128,12 +128,13 @@ export class ChannelsBench {
   }
 
   /** One QEMU-driven save; ms of QEMU's total-time. */
-  private async save(c: SaveContender, memMiB: number, pattern: string, out: string): Promise<{ total: number; rssKiB?: number }> {
+  private async save(c: SaveContender, memMiB: number, dataMiB: number, pattern: string, out: string): Promise<{ total: number; rssKiB?: number }> {
     rmQuiet(out);
     const { vm, sock } = await this.vm(memMiB, pattern);
     try {
       execFileSync('sync'); // no writeback of an earlier contender's output left to compete with this one
-      warmMemory(this.cfg.dir, 256 * MiB);
+      // Memory the host took back (free page reporting, docs/benchmarks.md) costs whoever touches it next.
+      warmMemory(this.cfg.dir, Math.round(dataMiB * 1.5) * MiB);
       if (c.snap) {
         const r = await runSnap(['save', '-q', '--force', ...c.snap, '--qmp', sock, out]);
         const total = (await vm.queryMigrate())['total-time'];
@@ -150,11 +151,13 @@ export class ChannelsBench {
   }
 
   /** One restore into a fresh -incoming defer destination; ms from migrate-incoming to completed. */
-  private async restore(c: RestoreContender, memMiB: number, file: string): Promise<{ t: number; rssKiB?: number }> {
+  private async restore(c: RestoreContender, memMiB: number, dataMiB: number, file: string): Promise<{ t: number; rssKiB?: number }> {
     const { vm, sock } = await this.vm(memMiB, null, 'defer');
     try {
       // No writeback of the image just saved (or of an earlier run) competes with the restore.
       execFileSync('sync');
+      // The destination faults in its RAM as pages come: see save().
+      warmMemory(this.cfg.dir, Math.round(dataMiB * 1.5) * MiB);
       if (c.cold) {
         if (!dropPageCache()) throw new BenchError('cannot drop the page cache');
       } else readIntoCache(file);
@@ -207,7 +210,7 @@ export class ChannelsBench {
     const saves = this.saveContenders(mapped, out);
     for (let i = 0; i < this.cfg.runs; i++) {
       for (const c of i % 2 === 0 ? saves : [...saves].reverse()) {
-        const r = await this.save(c, memMiB, pattern, out);
+        const r = await this.save(c, memMiB, dataMiB, pattern, out);
         this.keep(c.name, r.total, r.rssKiB);
         if (c.name === 'save --qmp --channels 1 --cache=none' && !fs.existsSync(image)) fs.renameSync(out, image);
         else if (c.name === '`file:F` mapped-ram, multifd 2' && !fs.existsSync(mappedFile)) fs.renameSync(out, mappedFile);
@@ -217,7 +220,7 @@ export class ChannelsBench {
     const restores = [...this.restoreContenders(mapped, false), ...(cold ? this.restoreContenders(mapped, true) : [])];
     for (let i = 0; i < this.cfg.runs; i++) {
       for (const c of i % 2 === 0 ? restores : [...restores].reverse()) {
-        const r = await this.restore(c, memMiB, c.snap ? image : mappedFile);
+        const r = await this.restore(c, memMiB, dataMiB, c.snap ? image : mappedFile);
         this.keep(c.name, r.t, r.rssKiB);
       }
     }
@@ -274,10 +277,10 @@ export class ChannelsBench {
     const restoreT: number[] = [];
     try {
       for (let i = 0; i < this.cfg.runs; i++) {
-        const s = await this.save({ name: saveName, snap: ['--channels', '2', '--cache=none'] }, memMiB, pattern, image);
+        const s = await this.save({ name: saveName, snap: ['--channels', '2', '--cache=none'] }, memMiB, dataMiB, pattern, image);
         saveT.push(s.total);
         this.rss.set(`${saveName} (8 GiB VM)`, Math.max(this.rss.get(`${saveName} (8 GiB VM)`) ?? 0, s.rssKiB ?? 0));
-        const r = await this.restore({ name: restoreName, cold: false, snap: ['--channels', '2'] }, memMiB, image);
+        const r = await this.restore({ name: restoreName, cold: false, snap: ['--channels', '2'] }, memMiB, dataMiB, image);
         restoreT.push(r.t);
         this.rss.set(`${restoreName} (8 GiB VM)`, Math.max(this.rss.get(`${restoreName} (8 GiB VM)`) ?? 0, r.rssKiB ?? 0));
         this.cfg.log(`channels 8 GiB VM run ${i + 1}: save ${ms(s.total)}, restore ${ms(r.t)}`);
