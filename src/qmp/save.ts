@@ -283,8 +283,12 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
     if (first.from === 'save' && !first.s.ok) {
       // A migration cancelled by someone else ends our input first: QEMU's
       // status says so (we have not cancelled anything yet).
-      const now = opts.signal?.aborted ? null : await qmp.execute<MigrationInfo>('query-migrate').catch(() => null);
-      if (now?.status === 'cancelling' || now?.status === 'cancelled') {
+      // A QEMU that died ends our input too, often before its QMP socket's
+      // end is read: no answer here is QEMU gone, not a bad stream.
+      const now = opts.signal?.aborted ? null : await qmp.execute<MigrationInfo>('query-migrate').catch((err: Error) => err);
+      if (now instanceof Error) {
+        failure = new QmpSaveError('qemu', `QEMU went away during the save: ${now.message}; no image was written`);
+      } else if (now?.status === 'cancelling' || now?.status === 'cancelled') {
         failure = new QmpSaveError('qemu', `QEMU reports the migration cancelled: ${now['error-desc'] ?? 'by another QMP client'}; no image was kept`);
       } else {
         // Our side failed (or SIGINT): QEMU must not go on.
