@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync, spawn } from 'node:child_process';
 import { startVm, makePattern, Vm, QEMU_BINARY } from '../test/e2e/lib';
-import { BenchError, Row, dropPageCache, ms, parseStats, ratioRow, rmQuiet, timing, warmMemory } from './lib';
+import { BenchError, Row, dropPageCache, ms, parseStats, qemuHasMappedRam, ratioRow, rmQuiet, timing, warmMemory } from './lib';
 
 const CLI = path.resolve(__dirname, '..', 'cli', 'qemu-snap.js');
 const MiB = 1 << 20;
@@ -49,11 +49,6 @@ function runSnap(args: string[]): Promise<SnapRun> {
       resolve({ stderr, maxRssKiB: parseStats(stderr).maxRssKiB });
     });
   });
-}
-
-function mappedRamAvailable(): boolean {
-  const v = /version (\d+)\./.exec(execFileSync(QEMU_BINARY, ['--version'], { encoding: 'utf8' }));
-  return v !== null && Number(v[1]) >= 9;
 }
 
 /** Reads `file` once so that a warm restore finds it in the page cache. */
@@ -199,7 +194,7 @@ export class ChannelsBench {
   }
 
   async run(): Promise<void> {
-    const mapped = mappedRamAvailable();
+    const mapped = qemuHasMappedRam(QEMU_BINARY);
     if (!mapped) this.notes.push(`channels: mapped-ram rows skipped: ${QEMU_BINARY} is older than 9.0 (run with QEMU_SNAP_QEMU=/opt/qemu-10.0/bin/qemu-system-x86_64)`);
     const cold = dropPageCache();
     if (!cold) this.notes.push('channels: cold restores skipped: cannot write /proc/sys/vm/drop_caches (not root)');

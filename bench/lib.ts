@@ -85,6 +85,12 @@ export function statsFromFile(file: string): CliStats {
   return parseStats(fs.readFileSync(file, 'utf8'));
 }
 
+/** QEMU's file migration with mapped-ram (9.0 and later) is there to compare with. */
+export function qemuHasMappedRam(binary: string): boolean {
+  const v = /version (\d+)\./.exec(execFileSync(binary, ['--version'], { encoding: 'utf8' }));
+  return v !== null && Number(v[1]) >= 9;
+}
+
 /** Drops the page cache (root only); false when it cannot. */
 export function dropPageCache(): boolean {
   try {

@@ -19,6 +19,7 @@ import {
   Timing,
   allocatedBytes,
   dropPageCache,
+  qemuHasMappedRam,
   bestOf,
   formatMachine,
   formatTable,
@@ -367,9 +368,6 @@ class Bench {
     }
   }
 
-  private dropCaches(): boolean {
-    return dropPageCache();
-  }
 
   /**
    * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
@@ -382,8 +380,7 @@ class Bench {
   async cacheModes(): Promise<void> {
     const file = path.join(this.cfg.dir, 'cache-cat.out');
     const img = path.join(this.cfg.dir, 'cache-save.qcow2');
-    const version = /version (\d+)\.(\d+)/.exec(execFileSync(QEMU_BINARY, ['--version'], { encoding: 'utf8' }));
-    const mappedRam = version !== null && Number(version[1]) >= 9;
+    const mappedRam = qemuHasMappedRam(QEMU_BINARY);
     type Contender = { name: string; uri: string; out: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; after?: string };
     const contenders: Contender[] = [
       { name: '`exec:cat > F`', uri: `exec:cat > ${q(file)}`, out: file },
@@ -490,7 +487,7 @@ class Bench {
     this.rows.push(ratioRow('pipe: save --cache=none --aio=io_uring (vs --aio=threads)', pb('save --cache=none --aio=io_uring'), ms(pb('save --cache=none --aio=io_uring')), pb('save --cache=none'), ms(pb('save --cache=none'))));
 
     // Cold restores: page cache dropped before each.
-    if (!this.dropCaches()) {
+    if (!dropPageCache()) {
       this.notes.push('cold restores skipped: cannot write /proc/sys/vm/drop_caches (not root)');
       return;
     }
@@ -513,7 +510,7 @@ class Bench {
           if (caps) await dst.setMigrationCapabilities(caps);
           if (params) await dst.qmp.execute('migrate-set-parameters', params);
           this.warm();
-          this.dropCaches();
+          dropPageCache();
           const t0 = performance.now();
           await dst.migrateIncoming(uri);
           await dst.waitForMigrationStatus('completed', 180_000);
