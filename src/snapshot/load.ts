@@ -351,10 +351,16 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
       ringSize: opts.multifd ? maxInFlight : undefined,
     });
   }
+  // The stream the pipeline ends in, when it is not ours to keep (see stop()).
+  let out: NodeJS.WritableStream | null = null;
   const stop = (err: Error): void => {
     if (reader) reader.destroy(err);
     else pump?.abort(err);
     direct?.cancel(err);
+    // Its last write may wait for a reader that never comes (a destination
+    // that stopped reading its main channel): destroying the source does not
+    // end that wait, and the pipeline would never settle.
+    if (out !== null && out !== process.stdout) (out as NodeJS.WritableStream & { destroy(err?: Error): void }).destroy(err);
   };
 
   const started = Date.now();
@@ -516,7 +522,7 @@ async function run(snap: SnapshotContents, opts: LoadOptions, dataFile: DirectFi
       await direct.flushPending();
       (direct as unknown as NodeJS.WritableStream).end();
     } else if (reader) {
-      const out: NodeJS.WritableStream = opts.output ? fs.createWriteStream(opts.output) : opts.stdout ?? process.stdout;
+      out = opts.output ? fs.createWriteStream(opts.output) : opts.stdout ?? process.stdout;
       await pumpAsync(reader, encoder, out).catch((err: Error) => {
         if (postcopy && !switched && isPipeGone(err)) {
           throw new LoadError(adviseRejectedMessage);

@@ -171,14 +171,6 @@ for (const [machine, value, what] of [
     const version = ((await probe.qmp.execute('query-version')) as { qemu: { major: number } }).qemu.major;
     await probe.stop();
     if (version < 8) return; // 7.2 has no such property: it always syncs at EOS
-    if (value === 'on' && !process.env.QEMU_SNAP_TEST_FLUSH_ON) {
-      // Known defect (issue 18, closing note of stop 21): in one CI run of
-      // four this case hung inside restoreViaQmp for over 7 minutes instead
-      // of ending after the 5 s stall time (QEMU's main loop stuck at the
-      // first EOS). Run it with QEMU_SNAP_TEST_FLUSH_ON=1 while fixing it.
-      console.log('  note: skipped the multifd-flush-after-each-section=on case (known intermittent hang; QEMU_SNAP_TEST_FLUSH_ON=1 runs it)');
-      return;
-    }
     const image = machine ? images.old : images.plain;
     const dst = await startVm(withSnapQmp({ machine, memMiB: MEM_MIB, paused: true, incoming: 'defer', name: `mfr-dst-global-${value}`, extraArgs: ['-global', `migration.multifd-flush-after-each-section=${value}`] }, dsock));
     const tmpBefore = privateDirs();

@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 import { Writable } from 'streamx';
+import { Writable as NodeWritable } from 'node:stream';
 import { StreamBuilder, SyntheticBlock } from './synthetic-stream';
 import { prng } from '../helpers';
 import { saveSnapshot } from '../../src/snapshot/save';
@@ -81,6 +82,24 @@ test('--output (synchronous, one reused buffer) and a queued stream write the sa
   assert.ok(a.equals(c.bytes()), 'same stream either way');
   assert.is(direct.dataPagesSent, queued.dataPagesSent);
   assert.is(direct.dataPagesSent, 768 - 110 + 1);
+});
+
+test('an interrupted load settles when its output stopped taking writes after the whole stream was handed to it (a destination that stopped reading)', async () => {
+  // Takes every write into its buffer but never completes the first: the
+  // pipeline before it ends normally, and only the abort can end the load.
+  const stuck = new NodeWritable({ highWaterMark: 64 << 20, write: () => undefined });
+  const ac = new AbortController();
+  const loading = loadSnapshot(image, { stdout: stuck, signal: ac.signal }).then(
+    () => null,
+    (e: Error) => e,
+  );
+  for (let i = 0; i < 500 && !stuck.writableEnded; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(stuck.writableEnded, 'the whole stream was handed over');
+  ac.abort('test');
+  const err = await Promise.race([loading, new Promise<string>((r) => setTimeout(() => r('hung'), 5000))]);
+  assert.instance(err, Error, `the load settles (got ${String(err)})`);
+  assert.match((err as Error).message, /load interrupted \(test\)/);
+  assert.ok(stuck.destroyed, 'the output is destroyed');
 });
 
 test('an FdWriter on a pipe is written synchronously and the stream reaches the reader whole', async () => {
