@@ -368,7 +368,6 @@ class Bench {
     }
   }
 
-
   /**
    * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
    * exec:cat > F, the same && sync F, save, --cache=none (--aio=threads,
