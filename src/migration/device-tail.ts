@@ -116,6 +116,27 @@ export class DeviceTail {
     }
   }
 
+  /**
+   * Whether the complete tail at p carries a VMDESCRIPTION that is QEMU's
+   * own: a JSON object with a numeric page_size and a devices array
+   * (savevm.c writes exactly that). Device state that merely looks like a
+   * tail where the bytes received so far happen to end does not pass this.
+   */
+  describesQemu(p: number): boolean {
+    const q = this.q;
+    if (q.available <= p + 11) return false;
+    const len = q.u32At(p + 7);
+    let json: unknown;
+    try {
+      json = JSON.parse(q.copyAt(p + 11, len).toString('utf8'));
+    } catch {
+      return false;
+    }
+    if (typeof json !== 'object' || json === null) return false;
+    const d = json as { page_size?: unknown; devices?: unknown };
+    return typeof d.page_size === 'number' && Array.isArray(d.devices);
+  }
+
   /** Emits the device state before the complete tail at p, then EOF and the VMDESCRIPTION. */
   emitTail(p: number): void {
     const q = this.q;

@@ -72,6 +72,12 @@ export interface MigrationFramerOptions {
    * page where the records lie in one input chunk (default false).
    */
   pageRuns?: boolean;
+  /**
+   * Called once, as soon as the bytes received end with the stream's tail
+   * and QEMU's own VMDESCRIPTION (endsWithQemuDescription): nothing follows
+   * it, so a save whose source waits for SHUT can end its input right then.
+   */
+  onQemuTail?: () => void;
 }
 
 function recordByteLength(data: unknown): number {
@@ -108,6 +114,7 @@ export class MigrationFramer extends Transform {
   private ramEndedByDeviceState = false;
   private inRamEnd = false;
   private sawRamPart = false;
+  private onQemuTail: (() => void) | undefined;
 
   constructor(opts: MigrationFramerOptions = {}) {
     super({ highWaterMark: 4 * 1024 * 1024, byteLengthReadable: recordByteLength });
@@ -117,6 +124,7 @@ export class MigrationFramer extends Transform {
     }
     this.ram = new RamRecordParser(this.q, this, pageSize, opts.pageRuns === true);
     this.tail = new DeviceTail(this.q, this);
+    this.onQemuTail = opts.onQemuTail;
   }
 
   /** RAM blocks announced so far by MEM_SIZE. */
@@ -146,11 +154,6 @@ export class MigrationFramer extends Transform {
   }
 
   /**
-   * True when the bytes received so far end exactly with the stream's tail
-   * (last footer + EOF, optionally + a complete VMDESCRIPTION), i.e. a source
-   * that waits for SHUT on the return path has sent everything.
-   */
-  /**
    * Like tailComplete(), but says whether the complete tail carries a
    * VMDESCRIPTION. A precopy source sends EOF and VMDESCRIPTION through the
    * same buffer, but the two can arrive apart: a tail that ends at EOF is
@@ -165,6 +168,24 @@ export class MigrationFramer extends Transform {
     return this.tailComplete() ? 'eof' : 'none';
   }
 
+  /**
+   * True when the bytes received so far end with the stream's tail and a
+   * VMDESCRIPTION that is QEMU's own (see DeviceTail.describesQemu): QEMU
+   * writes nothing after it, so a source waiting for SHUT has sent all.
+   * This is what lets a save end its input at once instead of after a
+   * quiet period.
+   */
+  endsWithQemuDescription(): boolean {
+    if (this.state !== State.Device) return false;
+    const p = this.tail.findComplete();
+    return p >= 0 && this.q.available > p + 6 && this.tail.describesQemu(p);
+  }
+
+  /**
+   * True when the bytes received so far end exactly with the stream's tail
+   * (last footer + EOF, optionally + a complete VMDESCRIPTION), i.e. a source
+   * that waits for SHUT on the return path has sent everything.
+   */
   tailComplete(): boolean {
     switch (this.state) {
       case State.Device:
@@ -187,6 +208,11 @@ export class MigrationFramer extends Transform {
     } catch (err) {
       this.state = State.Failed;
       return cb(err as Error, null);
+    }
+    const onQemuTail = this.onQemuTail;
+    if (onQemuTail !== undefined && this.state === State.Device && this.endsWithQemuDescription()) {
+      this.onQemuTail = undefined;
+      onQemuTail();
     }
     cb(null, null);
   }

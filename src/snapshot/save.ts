@@ -220,9 +220,18 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
 
-  const framer = new MigrationFramer({ pageSize: opts.pageSize, pageRuns: true });
-  const hasher = opts.digests === false ? null : await createChunkHasher(SAVE_DIGEST_ALGORITHM);
   let returnPathOpen = false;
+  const framer = new MigrationFramer({
+    pageSize: opts.pageSize,
+    pageRuns: true,
+    // QEMU's VMDESCRIPTION is the last thing it sends before it waits for
+    // SHUT: end the input now rather than after the quiet period below.
+    // (The framer only sees bytes through the gate, made below.)
+    onQemuTail: () => {
+      if (returnPathOpen) gate.finish();
+    },
+  });
+  const hasher = opts.digests === false ? null : await createChunkHasher(SAVE_DIGEST_ALGORITHM);
   // Runs are written straight from the input chunks when the native module
   // can (pwritev, and XXH64 over the same pieces).
   // Under O_DIRECT, runs are copied into aligned buffers and written through the ring.
@@ -300,8 +309,9 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   });
 
   // A source with a return path waits for SHUT before it closes the pipe:
-  // end the input ourselves once what arrived is a complete stream and
-  // nothing more came for a while.
+  // end the input ourselves. A tail with QEMU's VMDESCRIPTION ends it at
+  // once (onQemuTail above); any other complete tail once nothing more
+  // came for a while.
   const quietMs = opts.quietMs ?? 300;
   const watch = setInterval(() => {
     if (opts.onProgress) {

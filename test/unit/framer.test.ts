@@ -220,6 +220,32 @@ test('tailComplete(): only when the input ends exactly with footer+EOF(+VMDESCRI
   framer.destroy();
 });
 
+test('onQemuTail: called once, when the bytes end with a tail carrying QEMU\'s VMDESCRIPTION; not for EOF alone or another JSON', async () => {
+  const feed = async (input: Buffer, cuts: number[]): Promise<number[]> => {
+    const calls: number[] = [];
+    let pos = 0;
+    const framer = new MigrationFramer({ onQemuTail: () => calls.push(pos) });
+    framer.on('data', () => {});
+    for (const cut of [...cuts, input.length]) {
+      framer.write(input.subarray(pos, cut));
+      pos = cut;
+      await new Promise((r) => setImmediate(r));
+    }
+    framer.destroy();
+    return calls;
+  };
+  const input = completeStream();
+  const eofAt = input.lastIndexOf(Buffer.from([0x7e, 0, 0, 0, 4, 0])) + 6;
+  // Not at footer+EOF, not mid-description, but as the last byte lands: once.
+  assert.equal(await feed(input, [20, eofAt, eofAt + 3, input.length - 1]), [input.length]);
+  // The device bodies' tail look-alikes (0x7e .. 0x00 0x06 .. {}) never trigger it, in any chunking.
+  assert.equal(await feed(input, Array.from({ length: input.length - 1 }, (_v, i) => i + 1)), [input.length]);
+  assert.equal(await feed(completeStream({ vmdesc: false }), []), []);
+  // A description that is not QEMU's (no page_size and devices) is left to the quiet period.
+  const other = leader().sectionEnd(2).eos().footer(2).device(3, 'dev', Buffer.alloc(10, 1)).eof().vmdesc({ a: 1 }).build();
+  assert.equal(await feed(other, []), []);
+});
+
 test('a device body holding a fake tail with a long declared length does not swallow the real tail', async () => {
   const fake = Buffer.concat([Buffer.from([0x7e, 0, 0, 0, 9, 0, 0x06]), Buffer.from([0, 0, 0x10, 0]), Buffer.from('{"fake":1}')]);
   const b = leader().sectionEnd(2).eos().footer(2).device(3, 'dev', fake).device(4, 'dev2', Buffer.alloc(100, 1)).eof().vmdesc({ a: 1 });
