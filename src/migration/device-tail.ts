@@ -117,6 +117,24 @@ export class DeviceTail {
   }
 
   /**
+   * Relative position of a complete tail with a VMDESCRIPTION that ends at
+   * the last byte received, looked for in the last `window` bytes only; -1
+   * if none. Cheap enough to ask after every chunk, even over megabytes of
+   * held-back tail look-alikes: nothing unless the last byte closes a JSON
+   * object, then one bounded scan back from the end.
+   */
+  findDescribedTail(window: number): number {
+    const q = this.q;
+    const end = q.available;
+    // The shortest: footer, section id, EOF, VMDESCRIPTION, be32 length, "{}".
+    if (end < 13 || q.byteAt(end - 1) !== 0x7d) return -1;
+    for (let p = end - 13; p >= 0 && p >= end - window; p--) {
+      if (q.byteAt(p) === Token.SECTION_FOOTER && q.byteAt(p + 6) === Token.VMDESCRIPTION && this.tailAt(p) === Tail.Complete) return p;
+    }
+    return -1;
+  }
+
+  /**
    * Whether the complete tail at p carries a VMDESCRIPTION that is QEMU's
    * own: a JSON object with a numeric page_size and a devices array
    * (savevm.c writes exactly that). Device state that merely looks like a

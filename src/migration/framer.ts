@@ -80,6 +80,13 @@ export interface MigrationFramerOptions {
   onQemuTail?: () => void;
 }
 
+/**
+ * How far back from the end endsWithQemuDescription() looks for the tail:
+ * QEMU's VM description is a few KiB to a few hundred; a longer one is
+ * still found, after the save's quiet period.
+ */
+const VMDESC_WINDOW = 1 << 20;
+
 function recordByteLength(data: unknown): number {
   if (Buffer.isBuffer(data)) return data.length;
   const r = data as FramedRecord;
@@ -177,8 +184,8 @@ export class MigrationFramer extends Transform {
    */
   endsWithQemuDescription(): boolean {
     if (this.state !== State.Device) return false;
-    const p = this.tail.findComplete();
-    return p >= 0 && this.q.available > p + 6 && this.tail.describesQemu(p);
+    const p = this.tail.findDescribedTail(VMDESC_WINDOW);
+    return p >= 0 && this.tail.describesQemu(p);
   }
 
   /**
