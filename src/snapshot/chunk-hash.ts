@@ -33,6 +33,11 @@ export interface ChunkHasher {
   update(data: Uint8Array): void;
   /** update() with the bytes `count` segments describe (see NativeModule.writeSegments); only where the hasher can. */
   updateSegments?(buffers: Buffer[], segments: Float64Array, count: number): void;
+  /**
+   * Copies the bytes `count` segments describe to `into` (from its start)
+   * and feeds them to update() in the same pass; only where the hasher can.
+   */
+  copySegments?(into: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void;
   /** `n` zero bytes (a hole reads as zeros). */
   zeros(n: number): void;
   /** The digest of what was fed since begin(), as an unsigned 32-bit number. */
@@ -117,11 +122,14 @@ class NativeXxh64Hasher extends BaseHasher {
   readonly algorithm = 'xxh64';
   // Buffer.alloc: its own 8-aligned memory, as the native state needs.
   private readonly state: Buffer;
+  readonly copySegments?: (into: Buffer, buffers: Buffer[], segments: Float64Array, count: number) => void;
 
   constructor(private readonly mod: NativeModule) {
     super();
     this.state = Buffer.alloc(mod.xxh64StateBytes);
     mod.xxh64Reset(this.state);
+    const copy = mod.copySegments;
+    if (copy !== undefined) this.copySegments = (into, buffers, segments, count) => void copy(into, buffers, segments, count, this.state);
   }
 
   begin(): void {

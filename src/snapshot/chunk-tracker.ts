@@ -13,6 +13,7 @@
 // 1 GiB, page faults on fresh buffers and a worker hop per chunk.
 import type { ChunkHasher } from './chunk-hash';
 import { DIGEST_CHUNK_SIZE } from './digests';
+import { copySegmentsInto } from './run-buffers';
 
 interface ChunkSource {
   read(offset: number, length: number): Promise<Buffer>;
@@ -71,6 +72,24 @@ export class ChunkTracker {
     const rel = offset - c * this.chunkSize;
     if (!this.begin(c, rel)) return;
     this.hasher.updateSegments?.(buffers, segments, count);
+    this.covered = rel + length;
+  }
+
+  /**
+   * A write about to be issued from `into`, which does not hold its bytes
+   * yet: copies them there from the segments and digests them in the same
+   * pass where the hasher can (one trip through memory instead of two),
+   * otherwise copies, then digests as write() would.
+   */
+  copySegments(offset: number, length: number, into: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void {
+    const rel = offset % this.chunkSize;
+    const copy = this.hasher.copySegments;
+    if (copy === undefined || rel + length > this.chunkSize) {
+      copySegmentsInto(into, buffers, segments, count);
+      return this.write(offset, [into.subarray(0, length)]);
+    }
+    if (!this.begin(Math.floor(offset / this.chunkSize), rel)) return void copySegmentsInto(into, buffers, segments, count);
+    copy(into, buffers, segments, count);
     this.covered = rel + length;
   }
 

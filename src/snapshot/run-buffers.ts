@@ -3,6 +3,17 @@
 // A fresh 1 MiB Buffer costs 256 page faults the first time it is filled;
 // at 1 GiB per save that was 0.15-0.2 s of system time. Buffers go back to
 // the pool when their write completed and are handed out again.
+import { native } from '../util/native';
+
+/** The bytes `count` segments describe, in order, copied to `into` from its start (natively when the module can). */
+export function copySegmentsInto(into: Buffer, buffers: Buffer[], segments: Float64Array, count: number): number {
+  const copy = native()?.copySegments;
+  if (copy !== undefined) return copy(into, buffers, segments, count);
+  let at = 0;
+  for (let i = 0; i < count * 3; i += 3) at += buffers[segments[i]].copy(into, at, segments[i + 1], segments[i + 1] + segments[i + 2]);
+  return at;
+}
+
 export class RunBufferPool {
   private readonly free: Buffer[] = [];
   /** Buffers handed out and not yet given back (weak: one never given back is simply collected). */

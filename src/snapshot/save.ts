@@ -28,6 +28,7 @@ import { RamBlockLayout } from './layout';
 import { SAVE_DIGEST_ALGORITHM } from './digests';
 import { finishSnapshotImage } from './finish';
 import { ChunkTracker } from './chunk-tracker';
+import { copySegmentsInto } from './run-buffers';
 import { createChunkHasher } from './chunk-hash';
 import { native } from '../util/native';
 import { AioMode, CacheMode, DirectFile, alignedAllocator, cachePolicy, checkAioMode, openDirect } from '../util/direct-io';
@@ -140,6 +141,8 @@ export class ImageBlockTarget implements BlockWriteTarget {
   tracker: ChunkTracker | null = null;
   /** Background fdatasync as data accumulates (writeback mode only: the others have nothing dirty worth it, or must not sync). */
   backgroundSync = true;
+  /** RAM runs are digested by copyRun() as they are copied, not by writev(). */
+  digestsAtCopy = false;
   private unsynced = 0;
   private syncing = false;
 
@@ -179,6 +182,17 @@ export class ImageBlockTarget implements BlockWriteTarget {
     return w.segments !== undefined && this.writeSegmentsSync(w.offset, w.length, w.buffers, w.segments, w.count ?? 0);
   }
 
+  /**
+   * Copies a RAM run into the run buffer it is written from, digesting it
+   * on the way (SnapshotWriter's copyRun, under O_DIRECT): one pass over
+   * the bytes for both instead of a copy and then a digest at writev().
+   * Set digestsAtCopy when the writer copies every RAM run through here.
+   */
+  copyRun(offset: number, length: number, into: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void {
+    if (this.digestsAtCopy && this.tracker) this.tracker.copySegments(offset, length, into, buffers, segments, count);
+    else copySegmentsInto(into, buffers, segments, count);
+  }
+
   writev(offset: number, buffers: Buffer[]): Promise<void> {
     const image = this.image;
     if (!image) return Promise.reject(new SaveTargetError('block write before the image exists'));
@@ -189,7 +203,7 @@ export class ImageBlockTarget implements BlockWriteTarget {
     let length = 0;
     for (const b of buffers) length += b.length;
     this.writeback(image, length);
-    this.tracker?.write(offset, buffers);
+    if (!this.digestsAtCopy) this.tracker?.write(offset, buffers);
     return image.writev(offset, buffers);
   }
 }
@@ -236,9 +250,13 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // can (pwritev, and XXH64 over the same pieces).
   // Under O_DIRECT, runs are copied into aligned buffers and written through the ring.
   const gather = !policy.direct && native() !== null && (hasher === null || hasher.updateSegments !== undefined);
+  // Under O_DIRECT every RAM run is copied into aligned memory, in one
+  // call per run, digested as it is copied.
+  blockTarget.digestsAtCopy = policy.direct;
   const writer = new SnapshotWriter({
     pageSize: opts.pageSize,
     allocateRun: policy.direct ? alignedAllocator(dioMemAlign) : undefined,
+    copyRun: policy.direct ? (o, l, into, b, sg, c) => blockTarget.copyRun(o, l, into, b, sg, c) : undefined,
     // Copied runs are the memory under O_DIRECT: queue one before the ring, not four.
     highWaterMark: policy.direct ? DIRECT_QUEUE_BYTES : undefined,
     segmentRuns: gather,

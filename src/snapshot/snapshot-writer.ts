@@ -16,7 +16,7 @@ import { printable } from '../util/text';
 import { Command } from '../migration/constants';
 import { QemuSnapError } from '../errors';
 import { layoutRamBlocks, RamBlockLayout, VMSTATE_HEADER_SIZE, isValidPageSize } from './layout';
-import { RunBufferPool } from './run-buffers';
+import { copySegmentsInto, RunBufferPool } from './run-buffers';
 import { PageBits } from '../util/page-bits';
 
 export class SnapshotSaveError extends QemuSnapError {
@@ -59,6 +59,15 @@ export interface SnapshotWriterOptions {
    * (releasedBefore) until writeDone() reports it. Ignored with `gather`.
    */
   segmentRuns?: boolean;
+  /**
+   * Copy mode, gathered: pages are gathered as segments over the input
+   * chunks and each run is copied into a run buffer in one call as it
+   * closes, by this function (`into` is the run buffer's first `length`
+   * bytes), instead of page by page. The caller may digest the bytes on
+   * the way (save under O_DIRECT). Not used while `gather` or
+   * `segmentRuns` takes the runs.
+   */
+  copyRun?: CopyRunSink;
   /** Makes a run buffer of `size` bytes (default Buffer.allocUnsafeSlow); aligned memory for O_DIRECT. */
   allocateRun?: (size: number) => Buffer;
   /** Bytes of runs queued for the ring before this writer reports backpressure (default 4 MiB). */
@@ -71,6 +80,9 @@ export interface SnapshotWriterOptions {
  * pwriteSegments takes them.
  */
 export type RunSink = (offset: number, length: number, buffers: Buffer[], segments: Float64Array, count: number) => boolean;
+
+/** Copies a run given as segments (as RunSink) into `into`, which is exactly `length` bytes long. */
+export type CopyRunSink = (offset: number, length: number, into: Buffer, buffers: Buffer[], segments: Float64Array, count: number) => void;
 
 /** A gathered run's limits: one segment per page, and the buffers the native call takes. */
 const MAX_RUN_SEGMENTS = 1024;
@@ -148,6 +160,7 @@ export class SnapshotWriter extends Transform {
   private fillPage: Buffer | null = null;
   // Gather mode: the run is a list of segments over the input chunks.
   private gather: RunSink | null;
+  private readonly copyRun: CopyRunSink | null;
   private runOpen = false;
   private readonly segments = new Float64Array(3 * MAX_RUN_SEGMENTS);
   private segmentCount = 0;
@@ -194,6 +207,7 @@ export class SnapshotWriter extends Transform {
     }
     this.pool = new RunBufferPool(this.maxRunBytes, undefined, opts.allocateRun);
     this.gather = opts.gather ?? (opts.segmentRuns ? (o, l, b, s, c) => this.pushSegments(o, l, b, s, c) : null);
+    this.copyRun = opts.copyRun ?? null;
   }
 
   /** segmentRuns: the run goes down the pipeline as a segment write; its input is held until writeDone(). */
@@ -560,7 +574,7 @@ export class SnapshotWriter extends Transform {
   /** The page at `diskOffset` is `pageSize` bytes of `src` from `start`: into the run. */
   private putPage(diskOffset: number, src: Buffer, start: number): void {
     // False when the sink gave up on the run before this page: copy it.
-    if (this.gather && this.gatherPage(diskOffset, src, start)) return;
+    if ((this.gather || this.copyRun) && this.gatherPage(diskOffset, src, start)) return;
     const run = this.runFor(diskOffset);
     src.copy(run, this.runLength, start, start + this.pageSize);
     this.endPage();
@@ -595,7 +609,7 @@ export class SnapshotWriter extends Transform {
     if (this.runOpen && (this.segmentCount === MAX_RUN_SEGMENTS || (this.segmentBuffers[index] !== src && index + 1 === MAX_RUN_BUFFERS))) {
       this.flushRun();
     }
-    if (!this.gather) return false;
+    if (!this.gather && !this.copyRun) return false;
     if (!this.runOpen) {
       this.runOpen = true;
       this.runStreamOffset = this.recordOffset;
@@ -637,13 +651,10 @@ export class SnapshotWriter extends Transform {
     // The sink cannot take it: copy this run, and go on copying (a later
     // run written now could overtake this one, still queued).
     this.gather = null;
-    const copy = this.pool.take();
-    let at = 0;
-    for (let i = 0; i < this.segmentCount; i++) {
-      const k = i * 3;
-      at += buffers[this.segments[k]].copy(copy, at, this.segments[k + 1], this.segments[k + 1] + this.segments[k + 2]);
-    }
+    const copy = this.pool.take().subarray(0, length);
+    if (this.copyRun) this.copyRun(this.runOffset, length, copy, buffers, this.segments, this.segmentCount);
+    else copySegmentsInto(copy, buffers, this.segments, this.segmentCount);
     buffers.length = 0;
-    this.push({ offset: this.runOffset, length, buffers: [copy.subarray(0, length)] });
+    this.push({ offset: this.runOffset, length, buffers: [copy] });
   }
 }

@@ -36,6 +36,13 @@ export interface NativeModule {
   xxh64Update(state: Buffer, data: Uint8Array): void;
   /** xxh64Update with the bytes `count` segments describe, in order. */
   xxh64UpdateSegments(state: Buffer, buffers: Buffer[], segments: Float64Array, count: number): void;
+  /**
+   * The bytes `count` segments describe, in order, copied to `dst` from its
+   * start (it must hold them all); with `state`, also fed to that XXH64 as
+   * they are copied. Returns the bytes copied. (Optional: a module built
+   * before it lacks it.)
+   */
+  copySegments?(dst: Buffer, buffers: Buffer[], segments: Float64Array, count: number, state?: Buffer): number;
   /** The low 32 bits of XXH64 (seed 0) of what was fed since the reset. */
   xxh64Low(state: Buffer): number;
   /** socketpair(2): a connected AF_UNIX stream pair, blocking, close-on-exec; socket buffers of `bufferBytes` when given. */

@@ -102,6 +102,39 @@ test('a write behind an earlier one, or into a finished chunk (a re-sent page), 
   assert.is(d.reads, 2);
 });
 
+test('copySegments: runs copied from segments and digested in the same pass give the digests of write(), dirty chunks included', async () => {
+  for (const alg of ALGORITHMS) {
+    const size = 3 * CS;
+    const d = disk(size);
+    const t = new ChunkTracker(d, size, hashers.get(alg) as ChunkHasher);
+    const rnd = prng(11);
+    // Input chunks with 8-byte record headers between pages, as a stream has them.
+    const input = [Buffer.alloc(64 * 4104), Buffer.alloc(64 * 4104)];
+    for (const b of input) for (let i = 0; i < b.length; i += 97) b[i] = 1 + Math.floor(rnd() * 255);
+    const run = (offset: number, pages: number, first: number) => {
+      const segs = new Float64Array(pages * 3);
+      for (let i = 0; i < pages; i++) {
+        const p = first + i;
+        segs.set([p >= 64 ? 1 : 0, (p % 64) * 4104 + 8, 4096], i * 3);
+      }
+      const into = Buffer.alloc(pages * 4096);
+      t.copySegments(offset, pages * 4096, into, input, segs, pages);
+      into.copy(d.bytes, offset);
+      for (let i = 0; i < pages; i++) {
+        const p = first + i;
+        assert.ok(into.subarray(i * 4096, (i + 1) * 4096).equals(input[p >= 64 ? 1 : 0].subarray((p % 64) * 4104 + 8, (p % 64) * 4104 + 4104)), `page ${i} copied`);
+      }
+    };
+    run(0, 16, 0);
+    run(65536, 100, 10); // across both input buffers
+    run(CS + 8192, 8, 3);
+    run(CS, 2, 50); // behind: chunk 1 dirty, still copied
+    run(2 * CS + 4096, 30, 90);
+    assert.equal(Array.from(await t.finish()), await expected(d.bytes, alg), alg);
+    assert.is(t.dirtyChunks, 1, alg);
+  }
+});
+
 test('untouched chunks get the CRC of zeros', async () => {
   const size = 2 * CS;
   const d = disk(size);

@@ -185,6 +185,31 @@ test('xxh64UpdateSegments digests the bytes the segments describe', async () => 
   assert.is(m.xxh64Low(st), wasm.whole(want));
 });
 
+test('copySegments copies the bytes the segments describe, and with a state digests them in the same pass', async () => {
+  const m = mod();
+  const copy = m.copySegments;
+  if (copy === undefined) throw new Error('copySegments missing from the native module');
+  const buffers = [randomBytes(40_000, 18), randomBytes(700, 19)];
+  const { segs, want } = randomSegments(buffers, 300, 20);
+  const into = Buffer.alloc(want.length + 5, 0xee);
+  assert.is(copy(into, buffers, segs, 300), want.length);
+  assert.ok(into.subarray(0, want.length).equals(want));
+  assert.is(into[want.length], 0xee, 'nothing written past the segments');
+  const st = Buffer.alloc(m.xxh64StateBytes);
+  m.xxh64Reset(st);
+  m.xxh64Update(st, Buffer.from('a prefix of 19 bytes'));
+  into.fill(0);
+  assert.is(copy(into, buffers, segs, 300, st), want.length);
+  assert.ok(into.subarray(0, want.length).equals(want));
+  const wasm = await createChunkHasher('xxh64', false);
+  assert.is(m.xxh64Low(st), wasm.whole(Buffer.concat([Buffer.from('a prefix of 19 bytes'), want])));
+  // A destination too small for the segments is refused before anything is copied.
+  const small = Buffer.alloc(want.length - 1, 0xee);
+  assert.throws(() => copy(small, buffers, segs, 300), /more bytes than the destination/);
+  assert.ok(small.every((b) => b === 0xee));
+  assert.throws(() => copy(into, buffers, segs, 300, Buffer.alloc(4)));
+});
+
 test('mapFile shows the file as read(2) does, before and after its pages are dropped', () => {
   const m = mod();
   const file = path.join(dir, 'mapped.bin');
