@@ -233,6 +233,11 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // Resolves once the temporary image exists (or failed to): a stream that
   // fails while it is being created must not unlink before it appears.
   let creating: Promise<Qcow2Image | null> | null = null;
+  // The file does not wait for the stream: opened (and stale temporaries
+  // cleared) once the RAM block list had come, it cost ~50 ms during which
+  // QEMU sat on a full socket. Its error is reported where it is awaited.
+  const opening = openImageFile(dir, tmpPath, policy.dsync ? fsc.O_DSYNC : 0).then((f) => (file = f));
+  opening.catch(() => undefined);
 
   let returnPathOpen = false;
   const framer = new MigrationFramer({
@@ -265,12 +270,8 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       if (opts.maxRamSize !== undefined && ram > opts.maxRamSize) {
         throw new SaveTargetError(`the stream's guest RAM (${ram} bytes in ${blocks.length} blocks) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
       }
-      const openFlags = policy.dsync ? fsc.O_DSYNC : 0;
-      const created = openImageFile(dir, tmpPath, openFlags).then((f) => {
-        file = f;
-        // Messages name the image the user asked for, not a hidden temporary.
-        return Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh });
-      });
+      // Messages name the image the user asked for, not a hidden temporary.
+      const created = opening.then((f) => Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh }));
       creating = created.catch(() => null);
       const image = await created;
       if (policy.direct) {
@@ -382,10 +383,12 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
       } catch {
         // closing is all that is left to do with it
       }
+      // Settled now: `file` is set if the file was opened at all.
+      await opening.catch(() => undefined);
       const named = (file as ImageFile | null)?.tmpPath;
-      if (pending && named) await fsp.unlink(named).catch(() => undefined);
-      // Never opened as an image (create failed): close the file itself.
-      else if (!image) await (file as ImageFile | null)?.fh.close().catch(() => undefined);
+      if (named) await fsp.unlink(named).catch(() => undefined);
+      // Never opened as an image (no block list, or create failed): close the file itself.
+      if (!image) await (file as ImageFile | null)?.fh.close().catch(() => undefined);
       if (returnPathOpen && opts.returnPath) opts.returnPath.write(encodeShut(1));
     }
   }
