@@ -54,6 +54,12 @@ export interface SaveOptions {
   quietMs?: number;
   /** Every ~50 ms: stream bytes, PAGE records, and what the writer knows (RAM covered, re-sends). */
   onProgress?(bytes: number, pages: number, summary: SnapshotSummary): void;
+  /**
+   * Called once the image file is open (or failed to open), which needs
+   * none of the stream: a caller that decides when its source starts
+   * sending (save over QMP) waits for this first.
+   */
+  onFileOpen?(): void;
   /** Record RAM digests (default true). */
   digests?: boolean;
   /** Aborting fails the save (SIGINT/SIGTERM): nothing is left behind. */
@@ -236,8 +242,13 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
   // The file does not wait for the stream: opened (and stale temporaries
   // cleared) once the RAM block list had come, it cost ~50 ms during which
   // QEMU sat on a full socket. Its error is reported where it is awaited.
+  // A source that starts only when told to can wait for it (onFileOpen): a
+  // file opened while the first megabytes are parsed waits behind them.
   const opening = openImageFile(dir, tmpPath, policy.dsync ? fsc.O_DSYNC : 0).then((f) => (file = f));
-  opening.catch(() => undefined);
+  opening.then(
+    () => opts.onFileOpen?.(),
+    () => opts.onFileOpen?.(),
+  );
 
   let returnPathOpen = false;
   const framer = new MigrationFramer({
