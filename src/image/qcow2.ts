@@ -24,6 +24,13 @@ export interface Qcow2CreateOptions {
   file?: FileHandle;
   /** Extra open(2) flags for the image file (O_DSYNC for write-through). */
   openFlags?: number;
+  /**
+   * Write nothing yet: the first flush() writes the header, the tables and
+   * the file's size. For a file nobody opens before that flush (save's
+   * unnamed or temporary image): create() then returns without waiting for
+   * any I/O.
+   */
+  deferFlush?: boolean;
 }
 
 /**
@@ -161,7 +168,7 @@ export class Qcow2Image {
         fileSize: 0,
       });
       img.l2.l1Dirty = true;
-      await img.flush();
+      if (!opts.deferFlush) await img.flush();
       return img;
     } catch (err) {
       await fh.close();

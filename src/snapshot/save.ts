@@ -282,7 +282,9 @@ export async function saveSnapshot(input: NodeJS.ReadableStream, imagePath: stri
         throw new SaveTargetError(`the stream's guest RAM (${ram} bytes in ${blocks.length} blocks) is larger than the image size limit of ${opts.maxRamSize} bytes (-s/--image-size)`);
       }
       // Messages name the image the user asked for, not a hidden temporary.
-      const created = opening.then((f) => Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh }));
+      // Nothing is written until finishSnapshotImage flushes: the file is
+      // published only after that, and the stream's writes wait for no I/O.
+      const created = opening.then((f) => Qcow2Image.create(imagePath, { virtualSize, clusterSize: opts.clusterSize, file: f.fh, deferFlush: true }));
       creating = created.catch(() => null);
       const image = await created;
       if (policy.direct) {

@@ -128,6 +128,23 @@ test('VM state is invisible to the guest but counted by qemu-img check', async (
   await re.close();
 });
 
+test('deferFlush: create() writes nothing; the first flush writes an image identical in content, qemu-img check clean', async () => {
+  const path = tmp.file('deferred.qcow2');
+  const img = await Qcow2Image.create(path, { virtualSize: 4 * MiB, clusterSize: 64 * KiB, deferFlush: true });
+  assert.is((await import('node:fs')).statSync(path).size, 0, 'nothing written by create');
+  const data = prng(9)(200 * KiB);
+  await img.writev(MiB + 4 * KiB, [data]);
+  const state = prng(10)(70 * KiB);
+  await img.writeVmState(0, state);
+  await img.close();
+  assertClean(path);
+  const re = await Qcow2Image.open(path);
+  assert.ok((await re.read(MiB + 4 * KiB, data.length)).equals(data));
+  assert.ok((await re.read(0, MiB)).equals(Buffer.alloc(MiB)), 'unwritten space reads as zeros');
+  assert.ok((await re.readVmState(0, state.length)).equals(state));
+  await re.close();
+});
+
 test('concurrent writes to different clusters, then to one cluster in sequence', async () => {
   const path = tmp.file('concurrent.qcow2');
   const cs = 64 * KiB;
