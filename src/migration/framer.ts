@@ -217,7 +217,7 @@ export class MigrationFramer extends Transform {
       return cb(err as Error, null);
     }
     const onQemuTail = this.onQemuTail;
-    if (onQemuTail !== undefined && this.state === State.Device && this.endsWithQemuDescription()) {
+    if (onQemuTail !== undefined && this.endsWithQemuDescription()) {
       this.onQemuTail = undefined;
       onQemuTail();
     }
