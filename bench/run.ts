@@ -12,7 +12,7 @@ import minimist from 'minimist';
 import { Writable } from 'streamx';
 import { MigrationFramer } from '../src/migration/framer';
 import { ChannelsBench } from './channels';
-import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions, QEMU_BINARY } from '../test/e2e/lib';
+import { startVm, makePattern, createQcow2, savevmTiming, loadvmTiming, defaultAccel, requireQemu, Vm, VmOptions, MigrationInfo, QEMU_BINARY } from '../test/e2e/lib';
 import {
   BenchError,
   Row,
@@ -81,8 +81,8 @@ class Bench {
   }
 
   /** A fresh paused source holding the pattern: a source in postmigrate cannot migrate again. */
-  private source(withDisk = false): Promise<Vm> {
-    const extraArgs = withDisk ? ['-drive', `if=none,id=d0,file=${this.savevmDisk},format=qcow2`] : [];
+  private source(withDisk = false, more: string[] = []): Promise<Vm> {
+    const extraArgs = [...(withDisk ? ['-drive', `if=none,id=d0,file=${this.savevmDisk},format=qcow2`] : []), ...more];
     return startVm(this.vmOpts({ loads: [{ file: this.pattern, addr: (this.cfg.memMiB / 4) * MiB }], extraArgs }));
   }
 
@@ -371,7 +371,8 @@ class Bench {
   /**
    * Issue 14: cache modes side by side. QEMU-driven saves (total-time):
    * exec:cat > F, the same && sync F, save, --cache=none (--aio=threads,
-   * native and io_uring), --cache=unsafe,
+   * native and io_uring), --cache=unsafe, `save --qmp --cache=none` (no
+   * pipe, no process start inside total-time), the `exec:` pipe alone,
    * with QEMU's own mapped-ram file migration when this QEMU has it (≥ 9.0);
    * pipe saves beside their like-for-like cat; cold restores; the image's
    * bytes left in the page cache and the peak RSS of each mode.
@@ -380,7 +381,12 @@ class Bench {
     const file = path.join(this.cfg.dir, 'cache-cat.out');
     const img = path.join(this.cfg.dir, 'cache-save.qcow2');
     const mappedRam = qemuHasMappedRam(QEMU_BINARY);
-    type Contender = { name: string; uri: string; out: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; after?: string };
+    // `qmp`: qemu-snap drives the source itself over QMP (`save --qmp`) and
+    // QEMU sends into a socket we hand it: no `exec:` pipe and no process
+    // start inside total-time.
+    type Contender = { name: string; uri: string; out: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; qmp?: string };
+    const qmpSocket = path.join(this.cfg.dir, 'cache-qmp.sock');
+    const PIPE_ALONE = '`exec:` pipe alone (1 MiB pipe, discarded)';
     const contenders: Contender[] = [
       { name: '`exec:cat > F`', uri: `exec:cat > ${q(file)}`, out: file },
       { name: '`exec:cat > F && sync F`', uri: `exec:cat > ${q(file)} && sync ${q(file)}`, out: file },
@@ -389,6 +395,10 @@ class Bench {
       { name: 'save --cache=unsafe', uri: `exec:${snapCmd(`save -q --cache=unsafe ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=none --aio=native', uri: `exec:${snapCmd(`save -q --cache=none --aio=native ${q(img)}`, this.statsFile)}`, out: img },
       { name: 'save --cache=none --aio=io_uring', uri: `exec:${snapCmd(`save -q --cache=none --aio=io_uring ${q(img)}`, this.statsFile)}`, out: img },
+      { name: 'save --qmp --cache=none', uri: '', out: img, qmp: snapCmd(`save -q --qmp ${q(qmpSocket)} --cache=none ${q(img)}`, this.statsFile) },
+      // What the `exec:` transport costs by itself: a reader that grows the
+      // pipe to 1 MiB (as save does) and discards what it reads.
+      { name: PIPE_ALONE, uri: `exec:perl -e 'fcntl(STDIN, 1031, 1048576); 1 while sysread(STDIN, $b, 1048576)'`, out: '' },
     ];
     if (mappedRam) {
       contenders.push(
@@ -405,25 +415,35 @@ class Bench {
     for (let i = 0; i < this.cfg.runs; i++) {
       const order = i % 2 === 0 ? contenders : [...contenders].reverse();
       for (const c of order) {
-        rmQuiet(c.out);
-        const src = await this.source();
+        if (c.out !== '') rmQuiet(c.out);
+        rmQuiet(qmpSocket);
+        const src = await this.source(false, c.qmp === undefined ? [] : ['-qmp', `unix:${qmpSocket},server=on,wait=off`]);
         let total: number;
         try {
           execFileSync('sync');
           this.warm();
           if (c.params) await src.qmp.execute('migrate-set-parameters', c.params);
-          const info = await src.migrate(c.uri, { timeoutMs: 180_000, capabilities: c.caps });
-          if (info['total-time'] === undefined) throw new BenchError(`query-migrate gave no total-time for ${c.uri}`);
+          let info: MigrationInfo;
+          if (c.qmp !== undefined) {
+            await timeShell(c.qmp).catch((err: Error) => {
+              throw new BenchError(`${c.name}: ${err.message} ${fs.readFileSync(this.statsFile, 'utf8').trim().split('\n').slice(-2).join(' | ')}`);
+            });
+            info = await src.queryMigrate();
+            if (info.status !== 'completed') throw new BenchError(`${c.name}: the source's migration is ${info.status}, not completed`);
+          } else {
+            info = await src.migrate(c.uri, { timeoutMs: 180_000, capabilities: c.caps });
+          }
+          if (info['total-time'] === undefined) throw new BenchError(`query-migrate gave no total-time for ${c.name}`);
           total = info['total-time'];
         } finally {
           await src.stop();
         }
         (times.get(c.name) ?? times.set(c.name, []).get(c.name) as number[]).push(total);
-        cachedBytes.set(c.name, Math.max(cachedBytes.get(c.name) ?? 0, this.cached(c.out)));
+        if (c.out !== '') cachedBytes.set(c.name, Math.max(cachedBytes.get(c.name) ?? 0, this.cached(c.out)));
         if (c.out === img) rss.set(c.name, Math.max(rss.get(c.name) ?? 0, this.stats().maxRssKiB));
         if (c.name === 'save --cache=none') fs.renameSync(img, saved);
         else if (c.name === '`file:F` mapped-ram, multifd 2' && mappedRam) fs.renameSync(file, mappedFile);
-        else rmQuiet(c.out);
+        else if (c.out !== '') rmQuiet(c.out);
         log(`cache modes run ${i + 1}: ${c.name} ${total} ms, ${mib(Math.max(0, cachedBytes.get(c.name) ?? 0))} cached`);
       }
     }
@@ -432,7 +452,7 @@ class Bench {
     const catSync = best('`exec:cat > F && sync F`');
     for (const c of contenders) {
       const b = best(c.name);
-      const versus = c.name === 'save --cache=unsafe' || c.name.startsWith('`file') ? ['`exec:cat > F`', cat] : ['`exec:cat > F && sync F`', catSync];
+      const versus = c.name === 'save --cache=unsafe' || c.name === PIPE_ALONE || c.name.startsWith('`file') ? ['`exec:cat > F`', cat] : ['`exec:cat > F && sync F`', catSync];
       this.rows.push(ratioRow(`QEMU save, total-time: ${c.name} (vs ${versus[0]})`, b, ms(b), versus[1] as number, ms(versus[1] as number)));
     }
     if (mappedRam) {
@@ -441,6 +461,10 @@ class Bench {
       this.rows.push(ratioRow('QEMU save, total-time: save --cache=none (vs mapped-ram + multifd 2 + direct-io)', none, ms(none), peer, ms(peer), { max: 1.2 }));
       const aio = best('save --cache=none --aio=native');
       this.rows.push(ratioRow('QEMU save, total-time: save --cache=none --aio=native (vs mapped-ram + multifd 2 + direct-io)', aio, ms(aio), peer, ms(peer), { max: 1.2 }));
+      const viaQmp = best('save --qmp --cache=none');
+      this.rows.push(ratioRow('QEMU save, total-time: save --qmp --cache=none (vs mapped-ram + multifd 2 + direct-io)', viaQmp, ms(viaQmp), peer, ms(peer), { max: 1.2 }));
+      const pipeAlone = best(PIPE_ALONE);
+      this.rows.push(ratioRow('QEMU save, total-time: `exec:` pipe alone, nothing written (vs mapped-ram + multifd 2 + direct-io)', pipeAlone, ms(pipeAlone), peer, ms(peer)));
     }
     const aioSave = best('save --cache=none --aio=native');
     const threadsSave = best('save --cache=none');
@@ -449,8 +473,9 @@ class Bench {
     this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=io_uring (vs --aio=threads)', uringSave, ms(uringSave), threadsSave, ms(threadsSave)));
     const dataGiB = this.cfg.dataMiB / 1024;
     for (const c of contenders) {
+      if (c.out === '') continue;
       const bytes = cachedBytes.get(c.name) ?? -1;
-      const limit = c.name.startsWith('save --cache=none') ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
+      const limit = c.name.includes('--cache=none') ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
       this.rows.push({ what: `page cache left by ${c.name}`, ours: bytes < 0 ? 'n/a (no fincore)' : mib(bytes), versus: '', ratio: null, ...limit });
     }
     for (const [name, kib] of rss) {
