@@ -14,6 +14,7 @@
 //   into WebAssembly memory first; incremental, its state in a caller's buffer.
 // - copySegments: a gathered run copied into one (aligned) buffer in one
 //   call, optionally hashed on the way.
+// - waitReadable: poll(2) for the reader thread, which has no event loop.
 //
 // Everything here is optional: the JS side falls back when the module is
 // not built. Errors are thrown as Error objects whose `code` is the errno
@@ -304,6 +305,26 @@ static napi_value set_non_blocking(napi_env env, napi_callback_info info) {
   int flags = fcntl((int)fd, F_GETFL);
   if (flags < 0 || fcntl((int)fd, F_SETFL, flags | O_NONBLOCK) < 0) return throw_errno(env, "fcntl(F_SETFL, O_NONBLOCK)", errno);
   return NULL;
+}
+
+// waitReadable(fd, timeoutMs) -> boolean: whether `fd` has input (or a
+// hang-up, which the next read reports) within timeoutMs, by poll(2). The
+// reader thread asks this when a pipe runs dry in the middle of a chunk: the
+// writer's next piece is usually microseconds away, and waiting for it keeps
+// the chunk filling instead of handing over a part-filled one. An
+// interrupted wait counts as nothing yet.
+static napi_value wait_readable(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int64_t fd, ms;
+  if (argc < 2 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &ms) || ms < 0 || ms > 60000) CHECK(napi_invalid_arg);
+  struct pollfd p = {.fd = (int)fd, .events = POLLIN};
+  int r = poll(&p, 1, (int)ms);
+  if (r < 0 && errno != EINTR) return throw_errno(env, "poll", errno);
+  napi_value out;
+  CHECK(napi_get_boolean(env, r > 0, &out));
+  return out;
 }
 
 // exitNow(code): _exit(2). process.exit joins Node's worker threads and
@@ -1254,6 +1275,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"pwriteSegments", NULL, pwrite_segments, NULL, NULL, NULL, napi_default, NULL},
       {"setNonBlocking", NULL, set_non_blocking, NULL, NULL, NULL, napi_default, NULL},
       {"exitNow", NULL, exit_now, NULL, NULL, NULL, napi_default, NULL},
+      {"waitReadable", NULL, wait_readable, NULL, NULL, NULL, napi_default, NULL},
       {"linkFd", NULL, link_fd, NULL, NULL, NULL, napi_default, NULL},
       {"socketPair", NULL, socket_pair, NULL, NULL, NULL, napi_default, NULL},
       {"sendFd", NULL, send_fd, NULL, NULL, NULL, napi_default, NULL},

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import { MessageChannel, MessagePort, Worker } from 'node:worker_threads';
 import { Readable } from 'streamx';
 import { QemuSnapError } from '../errors';
+import { native, nativeModuleFile } from './native';
 
 /** Reading the fd failed (an error other than EAGAIN); `code` is the errno name. */
 export class FdStreamError extends QemuSnapError {
@@ -16,14 +17,24 @@ export class FdStreamError extends QemuSnapError {
 }
 
 // The worker loops on blocking reads. It sends a chunk when it is full, or
-// as soon as a read returns less than a full pipe: the peer has nothing
-// more right now (a source waiting for SHUT must see its tail processed).
+// when a read returned less than a full pipe and nothing more comes within
+// dryWaitMs: the peer has nothing more right now (a source waiting for SHUT
+// must see its tail processed). The wait matters because we read faster
+// than QEMU writes: its next piece is usually microseconds away, and
+// handing over every part-filled chunk at once sent 1.3-1.5 chunks per full
+// one, each a 512 KiB buffer for ~200 KiB of stream (measured: 105-121 MiB
+// peak RSS instead of 94-99, 2800 messages per GiB instead of 2050).
+// Without the native module's poll(2) it does not wait.
 // credits[0] counts the bytes it may still send before main asks for more
 // (bytes, not chunks: a writer of small pieces must not starve it).
 const READER_SRC = `
 const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads');
 const fs = require('node:fs');
-const { fd, chunkSize, credits, pipeSize, recycled } = workerData;
+const { fd, chunkSize, credits, pipeSize, recycled, nativeFile, dryWaitMs } = workerData;
+let waitReadable = null;
+if (nativeFile !== null && dryWaitMs > 0) {
+  try { waitReadable = require(nativeFile).waitReadable || null; } catch { waitReadable = null; }
+}
 // A chunk main is done with comes back here: filling it again costs no page faults.
 const fresh = () => {
   const m = receiveMessageOnPort(recycled);
@@ -65,6 +76,7 @@ for (;;) {
   }
   len += n;
   if (len === chunkSize) send();
+  else if (n < full && waitReadable !== null && waitReadable(fd, dryWaitMs)) continue;
   else if (n < full) {
     // The pipe ran dry: hand over what we have now (a source that waits for
     // our answer sends nothing more), but a small piece as a right-sized
@@ -105,6 +117,12 @@ export interface FdReaderOptions {
   readAhead?: number;
   /** The pipe's buffer size (default 64 KiB): a read shorter than this means the writer has nothing more right now. */
   pipeSize?: number;
+  /**
+   * How long a pipe that ran dry in the middle of a chunk is given to say
+   * more before the part-filled chunk goes out (default 1 ms; 0: at once).
+   * Needs the native module's waitReadable; without it, at once.
+   */
+  dryWaitMs?: number;
 }
 
 /** A readable of an fd's bytes (stdin: fd 0), read by a worker thread. */
@@ -143,7 +161,15 @@ export class FdReader extends Readable {
       eval: true,
       stdout: true,
       stderr: true,
-      workerData: { fd, chunkSize, credits: this.credits, pipeSize: opts.pipeSize ?? 65536, recycled: channel.port2 },
+      workerData: {
+        fd,
+        chunkSize,
+        credits: this.credits,
+        pipeSize: opts.pipeSize ?? 65536,
+        recycled: channel.port2,
+        nativeFile: native()?.waitReadable ? nativeModuleFile() : null,
+        dryWaitMs: opts.dryWaitMs ?? 1,
+      },
       transferList: [channel.port2],
       // It holds no JS data to speak of: a small heap keeps peak RSS down.
       resourceLimits: WORKER_HEAP,

@@ -18,6 +18,11 @@ export interface NativeModule {
    * waiting that long in all. Returns the bytes written. At most 16 buffers.
    */
   writeSegments(fd: number, buffers: Buffer[], segments: Float64Array, count: number, maxWaitMs?: number): number;
+  /**
+   * poll(2) for input on `fd` for at most `timeoutMs`: true when a read
+   * would not block (data, or a hang-up it then reports). Absent in older builds.
+   */
+  waitReadable?(fd: number, timeoutMs: number): boolean;
   /** O_NONBLOCK on the descriptor's open file. */
   setNonBlocking(fd: number): void;
   /** _exit(2): ends the process without joining its threads. */
@@ -76,6 +81,8 @@ export interface NativeModule {
 
 let loaded: NativeModule | null | undefined;
 let whyNot = '';
+// dist/src/util/native.js → build/Release at the package root.
+const MODULE_FILE = path.join(__dirname, '..', '..', '..', 'build', 'Release', 'qemu_snap_native.node');
 
 /** The native module, or null when it is not built or QEMU_SNAP_NATIVE=0. */
 export function native(): NativeModule | null {
@@ -84,16 +91,19 @@ export function native(): NativeModule | null {
     whyNot = 'QEMU_SNAP_NATIVE=0';
     return (loaded = null);
   }
-  // dist/src/util/native.js → build/Release at the package root.
-  const file = path.join(__dirname, '..', '..', '..', 'build', 'Release', 'qemu_snap_native.node');
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    loaded = require(file) as NativeModule;
+    loaded = require(MODULE_FILE) as NativeModule;
   } catch (err) {
     whyNot = (err as Error).message.split('\n')[0];
     loaded = null;
   }
   return loaded;
+}
+
+/** The file native() loaded, for a worker thread to load as well; null when native() is null. */
+export function nativeModuleFile(): string | null {
+  return native() === null ? null : MODULE_FILE;
 }
 
 /** Why native() is null ('' when it is not). */
