@@ -10,13 +10,13 @@ import * as path from 'node:path';
 import { spawn, spawnSync, ChildProcess } from 'node:child_process';
 import { requireQemu } from './lib';
 import { CLI, tempDir, isOneLineError } from './common';
+import { fifoPair } from '../helpers';
 import { captureStream } from '../../bench/mutate';
 
 const dir = tempDir('pipes');
 const stream = path.join(dir, 'vm.stream');
 const image = path.join(dir, 'vm.qcow2');
 let expectedLoad: Buffer;
-let fifos = 0;
 
 test.before(async () => {
   requireQemu();
@@ -32,22 +32,8 @@ test.before(async () => {
 });
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-/**
- * A pipe(2)-like pair from a FIFO, both ends in blocking mode: [read fd,
- * write fd]. Opening O_RDWR first lets the two one-way opens proceed
- * without a second process; it is closed again so that closing the write
- * end gives the reader EOF.
- */
 function pipePair(): [number, number] {
-  const f = path.join(dir, `fifo${fifos++}`);
-  const m = spawnSync('mkfifo', [f]);
-  assert.is(m.status, 0, 'mkfifo');
-  const both = fs.openSync(f, fs.constants.O_RDWR);
-  const r = fs.openSync(f, fs.constants.O_RDONLY);
-  const w = fs.openSync(f, fs.constants.O_WRONLY);
-  fs.closeSync(both);
-  fs.rmSync(f);
-  return [r, w];
+  return fifoPair(dir);
 }
 
 interface Exit {
@@ -214,7 +200,7 @@ for (const native of [true, false]) {
   });
 
   test(`[${mode}] load -o FIFO: SIGTERM while no reader opened it ends it within 2 s; a late reader gets the whole stream`, async () => {
-    const fifo = path.join(dir, `out-fifo${fifos++}`);
+    const fifo = path.join(dir, `out-fifo-${native ? 'native' : 'js'}`);
     assert.is(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
     try {
       const first = start(['load', '-q', '-o', fifo, image], 'ignore', 'ignore', native);

@@ -8,25 +8,17 @@ import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { FdReader } from '../../src/util/fd-reader';
 import { native, nativeUnavailableReason } from '../../src/util/native';
-import { prng } from '../helpers';
+import { fifoPair, prng } from '../helpers';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-fdreader-'));
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-let fifos = 0;
 
 /** [read fd, write fd] of a FIFO, both blocking; closing the write end gives the reader EOF. */
 function pipePair(): [number, number] {
-  const f = path.join(dir, `fifo${fifos++}`);
-  assert.is(spawnSync('mkfifo', [f]).status, 0, 'mkfifo');
-  const both = fs.openSync(f, fs.constants.O_RDWR);
-  const r = fs.openSync(f, fs.constants.O_RDONLY);
-  const w = fs.openSync(f, fs.constants.O_WRONLY);
-  fs.closeSync(both);
-  fs.rmSync(f);
-  return [r, w];
+  return fifoPair(dir);
 }
 
 function randomFile(bytes: number, seed: number): string {
