@@ -221,8 +221,9 @@ async function runSave(qmp: QmpClient, imagePath: string, opts: QmpSaveOptions):
       // FdReader holds a partial chunk back while reads come back as full as
       // the pipe it expects; a socket read can return up to its 1 MiB buffer,
       // so "full" must be unreachable: every read that does not fill the chunk
-      // is handed over at once, or the tail QEMU sent before waiting for our
-      // SHUT could sit in the reader forever.
+      // is handed over once the socket stays quiet for the reader's dry wait
+      // (1 ms), or the tail QEMU sent before waiting for our SHUT could sit in
+      // the reader forever.
       const reader = new FdReader(ours, { pipeSize: 1 << 30 });
       // QEMU sends from the moment it gets `migrate`: a reader thread still
       // starting then was ~50 ms of total-time spent on a full socket.
