@@ -384,7 +384,7 @@ class Bench {
     // `qmp`: qemu-snap drives the source itself over QMP (`save --qmp`) and
     // QEMU sends into a socket we hand it: no `exec:` pipe and no process
     // start inside total-time.
-    type Contender = { name: string; uri: string; out: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; qmp?: string };
+    type Contender = { name: string; uri: string; out?: string; caps?: Record<string, boolean>; params?: Record<string, unknown>; qmp?: string };
     const qmpSocket = path.join(this.cfg.dir, 'cache-qmp.sock');
     const PIPE_ALONE = '`exec:` pipe alone (1 MiB pipe, discarded)';
     const contenders: Contender[] = [
@@ -398,7 +398,7 @@ class Bench {
       { name: 'save --qmp --cache=none', uri: '', out: img, qmp: snapCmd(`save -q --qmp ${q(qmpSocket)} --cache=none ${q(img)}`, this.statsFile) },
       // What the `exec:` transport costs by itself: a reader that grows the
       // pipe to 1 MiB (as save does) and discards what it reads.
-      { name: PIPE_ALONE, uri: `exec:perl -e 'fcntl(STDIN, 1031, 1048576); 1 while sysread(STDIN, $b, 1048576)'`, out: '' },
+      { name: PIPE_ALONE, uri: `exec:perl -e 'fcntl(STDIN, 1031, 1048576); 1 while sysread(STDIN, $b, 1048576)'` },
     ];
     if (mappedRam) {
       contenders.push(
@@ -415,7 +415,7 @@ class Bench {
     for (let i = 0; i < this.cfg.runs; i++) {
       const order = i % 2 === 0 ? contenders : [...contenders].reverse();
       for (const c of order) {
-        if (c.out !== '') rmQuiet(c.out);
+        if (c.out !== undefined) rmQuiet(c.out);
         rmQuiet(qmpSocket);
         const src = await this.source(false, c.qmp === undefined ? [] : ['-qmp', `unix:${qmpSocket},server=on,wait=off`]);
         let total: number;
@@ -439,11 +439,11 @@ class Bench {
           await src.stop();
         }
         (times.get(c.name) ?? times.set(c.name, []).get(c.name) as number[]).push(total);
-        if (c.out !== '') cachedBytes.set(c.name, Math.max(cachedBytes.get(c.name) ?? 0, this.cached(c.out)));
+        if (c.out !== undefined) cachedBytes.set(c.name, Math.max(cachedBytes.get(c.name) ?? 0, this.cached(c.out)));
         if (c.out === img) rss.set(c.name, Math.max(rss.get(c.name) ?? 0, this.stats().maxRssKiB));
         if (c.name === 'save --cache=none') fs.renameSync(img, saved);
         else if (c.name === '`file:F` mapped-ram, multifd 2' && mappedRam) fs.renameSync(file, mappedFile);
-        else if (c.out !== '') rmQuiet(c.out);
+        else if (c.out !== undefined) rmQuiet(c.out);
         log(`cache modes run ${i + 1}: ${c.name} ${total} ms, ${mib(Math.max(0, cachedBytes.get(c.name) ?? 0))} cached`);
       }
     }
@@ -473,7 +473,7 @@ class Bench {
     this.rows.push(ratioRow('QEMU save, total-time: --cache=none --aio=io_uring (vs --aio=threads)', uringSave, ms(uringSave), threadsSave, ms(threadsSave)));
     const dataGiB = this.cfg.dataMiB / 1024;
     for (const c of contenders) {
-      if (c.out === '') continue;
+      if (c.out === undefined) continue;
       const bytes = cachedBytes.get(c.name) ?? -1;
       const limit = c.name.includes('--cache=none') ? { target: '≤ 16 MiB per GiB saved', met: bytes >= 0 && bytes <= 16 * MiB * dataGiB } : { target: '', met: null };
       this.rows.push({ what: `page cache left by ${c.name}`, ours: bytes < 0 ? 'n/a (no fincore)' : mib(bytes), versus: '', ratio: null, ...limit });
