@@ -16,11 +16,6 @@ import { fifoPair, prng } from '../helpers';
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-snap-unit-fdreader-'));
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-/** [read fd, write fd] of a FIFO, both blocking; closing the write end gives the reader EOF. */
-function pipePair(): [number, number] {
-  return fifoPair(dir);
-}
-
 function randomFile(bytes: number, seed: number): string {
   const r = prng(seed);
   const b = Buffer.allocUnsafe(bytes);
@@ -62,7 +57,7 @@ function ddInto(w: number, file: string): Promise<void> {
 test('waitReadable: false on an empty pipe after the timeout, true once a byte is in it', () => {
   const m = native();
   assert.ok(m?.waitReadable, `native waitReadable: ${nativeUnavailableReason() || 'absent from this build'}`);
-  const [r, w] = pipePair();
+  const [r, w] = fifoPair(dir);
   const t0 = performance.now();
   assert.is(m.waitReadable(r, 30), false);
   const waited = performance.now() - t0;
@@ -79,7 +74,7 @@ test('waitReadable: false on an empty pipe after the timeout, true once a byte i
 test('a writer of 48 KiB pieces: with a dry wait the chunks go out full, and the bytes are the writer\'s', async () => {
   assert.ok(native()?.waitReadable, 'native waitReadable');
   const file = randomFile(16 << 20, 7);
-  const [r, w] = pipePair();
+  const [r, w] = fifoPair(dir);
   // A generous wait: this checks the mechanism, not the 1 ms default, on a
   // machine that may be busy with other tests.
   const [got] = await Promise.all([readAll(r, 50), ddInto(w, file)]);
@@ -93,13 +88,13 @@ test('a writer of 48 KiB pieces: with a dry wait the chunks go out full, and the
 
 test('the same writer without a dry wait: the same bytes', async () => {
   const file = randomFile(4 << 20, 8);
-  const [r, w] = pipePair();
+  const [r, w] = fifoPair(dir);
   const [got] = await Promise.all([readAll(r, 0), ddInto(w, file)]);
   assert.ok(got.bytes.equals(fs.readFileSync(file)));
 });
 
 test('a tail the writer leaves without closing is handed over within the dry wait', async () => {
-  const [r, w] = pipePair();
+  const [r, w] = fifoPair(dir);
   const reader = new FdReader(r, { chunkSize: CHUNK, dryWaitMs: 50 });
   let received = 0;
   const arrived = new Promise<number>((resolve) => {
